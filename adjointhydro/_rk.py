@@ -1,0 +1,237 @@
+"""Native explicit Runge-Kutta integration over one forcing period, per row.
+
+Private. Every row (basin, or basin x period in the parallel backward pass) has
+its own step size: a flashy basin does not force small steps on a slow one.
+Steps never cross a period boundary, so piecewise-constant forcing is exact
+and the daily flux totals are integrals of the rates over the period.
+
+The state is split in two: stores ``y`` ``[rows, n]`` and the period's flux
+totals ``q`` ``[rows, m]``. Only fluxes are evaluated; the stores change by
+``q @ W`` where ``W`` ``[m, n]`` is the model's wiring matrix (+1 into a store,
+-1 out of it), so storage change equals net flux total to rounding: mass balance
+holds by construction, also for every intermediate stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+FluxFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Tableau:
+    name: str
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]  # a[i] are the weights of stages 0..i-1 for stage i
+    b: tuple[float, ...]
+    e: tuple[float, ...] | None = None  # b - b_hat; None for fixed-step methods
+    order: int = 1  # order of the lower-order solution, for step-size control
+    fsal: bool = False
+
+
+TABLEAUS: dict[str, Tableau] = {
+    "euler": Tableau("euler", (0.0,), ((),), (1.0,)),
+    "midpoint": Tableau("midpoint", (0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    "heun": Tableau("heun", (0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+    "rk4": Tableau(
+        "rk4", (0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+        (1 / 6, 1 / 3, 1 / 3, 1 / 6),
+    ),
+    "bosh3": Tableau(
+        "bosh3",
+        (0.0, 0.5, 0.75, 1.0),
+        ((), (0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
+        (2 / 9, 1 / 3, 4 / 9, 0.0),
+        (2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+        order=2,
+        fsal=True,
+    ),
+    "dopri5": Tableau(
+        "dopri5",
+        (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        (
+            (),
+            (1 / 5,),
+            (3 / 40, 9 / 40),
+            (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+        ),
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        (
+            35 / 384 - 5179 / 57600,
+            0.0,
+            500 / 1113 - 7571 / 16695,
+            125 / 192 - 393 / 640,
+            -2187 / 6784 + 92097 / 339200,
+            11 / 84 - 187 / 2100,
+            -1 / 40,
+        ),
+        order=4,
+        fsal=True,
+    ),
+}
+
+
+_COEF_CACHE: dict = {}
+
+
+def _coefficients(tab: Tableau, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tableau rows as tensors, made once per (method, dtype, device)."""
+    key = (tab.name, dtype, device)
+    if key not in _COEF_CACHE:
+        def t(x):
+            return torch.tensor(x, dtype=dtype, device=device)
+        _COEF_CACHE[key] = {
+            "a": [None] + [t(list(r)) if r else None for r in tab.a[1:]],
+            "b": t(list(tab.b)),
+            "e": t(list(tab.e)) if tab.e is not None else None,
+        }
+    return _COEF_CACHE[key]
+
+
+class StepFailure(RuntimeError):
+    """A row could not be advanced (non-finite state or step-size underflow)."""
+
+    def __init__(self, row: int, time: float, reason: str) -> None:
+        super().__init__(reason)
+        self.row = row
+        self.time = time
+        self.reason = reason
+
+
+def integrate_period(
+    flux: FluxFn,
+    wiring: torch.Tensor,
+    y0: torch.Tensor,
+    span: float,
+    dt0: torch.Tensor,
+    tab: Tableau,
+    rtol: float,
+    atol: float,
+    fixed_step: float | None,
+    max_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Integrate every row over one period of length ``span``.
+
+    Args:
+        flux: ``flux(y, s) -> [rows, m]`` rates at stores ``y`` and local time ``s`` ``[rows]``.
+        wiring: ``[m, n]`` matrix, store rates are ``flux @ wiring``.
+        y0: stores at the period start ``[rows, n]``.
+        dt0: proposed first step per row ``[rows]`` (adaptive methods).
+        fixed_step: step length for fixed-step methods (must divide ``span``; the
+            last step is shortened otherwise).
+
+    Returns:
+        ``(y1, q, dt_next, dt_start, n_iterations, n_flux_evaluations)`` where ``q``
+        are the flux totals over the period ``[rows, m]``, ``dt_next`` the proposed
+        first step of the next period and ``dt_start`` the first step tried here
+        (chosen by :func:`_initial_step` when ``dt0`` is None).
+    """
+    rows = y0.shape[0]
+    dtype, device = y0.dtype, y0.device
+    m = wiring.shape[0]
+    s = torch.zeros(rows, dtype=dtype, device=device)
+    y = y0
+    q = torch.zeros(rows, m, dtype=dtype, device=device)
+    adaptive = tab.e is not None and fixed_step is None
+    min_h = span * 1e-10
+    coef = _coefficients(tab, dtype, device)
+    k_first = flux(y, s) if tab.fsal else None
+    n_evals = 1 if tab.fsal else 0
+    if adaptive:
+        if dt0 is None:
+            with torch.no_grad():
+                k0 = k_first if k_first is not None else flux(y, s)
+                dt0 = _initial_step(flux, wiring, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
+            n_evals += 1 if k_first is not None else 2
+        h_prop = dt0.to(dtype).clamp(max=span)
+    else:
+        h_prop = torch.full((rows,), float(fixed_step or span), dtype=dtype, device=device)
+    dt_start = h_prop
+    n_iter = 0
+    fail = None
+    while True:
+        remaining = span - s
+        active = remaining > span * 1e-12
+        if fail is not None:
+            bad = fail & active
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0])
+                reason = "non-finite state" if not bool(torch.isfinite(y[r]).all()) else "step size underflow"
+                raise StepFailure(r, float(s[r]), reason)
+        if not bool(active.any()):
+            break
+        n_iter += 1
+        if not tab.fsal:
+            k_first = flux(y, s)
+            n_evals += 1
+        if n_iter > max_steps:
+            r = int(active.nonzero()[0])
+            raise StepFailure(r, float(s[r]), f"more than {max_steps} steps in one period")
+        last = h_prop >= remaining
+        h = torch.where(last, remaining, h_prop)
+        h = torch.where(active, h, torch.zeros_like(h))
+        hc = h[:, None]
+        ks = [k_first]
+        for i in range(1, len(tab.c)):
+            # stage combination in flux space, one product per stage: y + h * (K a_i) W
+            comb = torch.stack(ks, dim=-1) @ coef["a"][i] if i > 1 else ks[0] * tab.a[1][0]
+            ki = flux(y + (comb @ wiring) * hc, s + tab.c[i] * h)
+            ks.append(ki)
+        n_evals += len(tab.c) - 1
+        K = torch.stack(ks, dim=-1) if len(ks) > 1 else ks[0][..., None]
+        dq = (K @ coef["b"]) * hc
+        y_new = y + dq @ wiring
+        q_new = q + dq
+        s_new = torch.where(last, torch.full_like(s, span), s + h)
+        if adaptive:
+            eq = ((K @ coef["e"]) * hc).detach()
+            ey = eq @ wiring
+            yd, ynd, qd, qnd = y.detach(), y_new.detach(), q.detach(), q_new.detach()
+            sy = atol + rtol * torch.maximum(yd.abs(), ynd.abs())
+            sq = atol + rtol * torch.maximum(qd.abs(), qnd.abs())
+            ratio = torch.sqrt(
+                (torch.cat([ey / sy, eq / sq], dim=1) ** 2).mean(dim=1)
+            )
+            finite = torch.isfinite(ynd).all(dim=1) & torch.isfinite(qnd).all(dim=1)
+            ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
+            accept = active & ((ratio <= 1.0) | ((h <= min_h) & finite))
+            factor = torch.clamp(0.9 * ratio.clamp(min=1e-10) ** (-1.0 / (tab.order + 1)), 0.2, 10.0)
+            h_next = (h * factor).clamp(max=span)
+            # a truncated last step says little about larger steps: keep the old proposal
+            keep = accept & last & (h_next < h_prop)
+            h_next = torch.where(keep, h_prop, h_next)
+            h_prop = torch.where(active, h_next, h_prop)
+            fail = active & ~accept & (h * 0.2 < min_h)
+        else:
+            accept = active
+            fail = active & ~(torch.isfinite(y_new.detach()).all(dim=1))
+        acc = accept[:, None]
+        y = torch.where(acc, y_new, y)
+        q = torch.where(acc, q_new, q)
+        s = torch.where(accept, s_new, s)
+        if tab.fsal:
+            k_first = torch.where(acc, ks[-1], k_first)
+    return y, q, h_prop, dt_start, n_iter, n_evals
+
+
+def _initial_step(flux, wiring, y0, s, k0, span, order, rtol, atol):
+    """Per-row first step (Hairer, Norsett & Wanner, II.4), so that a sharp start is not stepped over."""
+    scale_y = atol + rtol * y0.abs()
+    f0 = k0 @ wiring
+    d0 = torch.sqrt(((y0 / scale_y) ** 2).mean(dim=1))
+    d1 = torch.sqrt(torch.cat([(f0 / scale_y) ** 2, (k0 / atol) ** 2], dim=1).mean(dim=1))
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6 * span), 0.01 * d0 / d1.clamp(min=1e-30))
+    h0 = h0.clamp(max=span)
+    k1 = flux(y0 + h0[:, None] * f0, s + h0)
+    f1 = k1 @ wiring
+    d2 = torch.sqrt(torch.cat([((f1 - f0) / scale_y) ** 2, ((k1 - k0) / atol) ** 2], dim=1).mean(dim=1)) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.maximum(h0 * 1e-3, torch.full_like(h0, 1e-6 * span)),
+                     (0.01 / dmax.clamp(min=1e-30)) ** (1.0 / (order + 1)))
+    return torch.minimum(100 * h0, h1).clamp(max=span)

@@ -1,0 +1,236 @@
+"""The ``adjointhydro`` command line.
+
+::
+
+    adjointhydro train CONFIG        calibrate M0; for a hybrid also pretrain and train it end to end;
+                                     evaluate on all periods; write a run folder; print NSE/KGE
+    adjointhydro resume RUN          continue an interrupted training run
+    adjointhydro evaluate RUN        recompute metrics.json, results.h5 and plots from the saved models
+    adjointhydro simulate CONFIG     forward run of M0 with default or given parameters (no training)
+    adjointhydro inspect RUN         symbolic inspection of the hybrid's networks (into RUN/inspect)
+
+Problems with the configuration, the data, the model or the solver are reported
+as one line ``adjointhydro: error: ...`` with exit status 2 (``--debug`` shows the
+traceback). Ctrl-C during training leaves a run that ``resume`` continues (exit 130).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "adjointhydro"
+
+
+class _StopTraining(KeyboardInterrupt):
+    """Raised by the hidden --stop-after-epochs hook: behaves like Ctrl-C after a checkpoint."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Differentiable hydrological models: calibration and neural-ODE hybrid training.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress messages")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", parents=[common], help="calibrate M0 and train the hybrid; write a run folder")
+    t.add_argument("config", help="the TOML configuration")
+    t.add_argument("-o", "--output-dir", help="folder for the run folder (default: run.output_dir)")
+    t.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
+
+    r = sub.add_parser("resume", parents=[common], help="continue an interrupted training run")
+    r.add_argument("run", help="the run folder")
+    r.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
+
+    e = sub.add_parser("evaluate", parents=[common], help="recompute metrics and plots of a run from its saved models")
+    e.add_argument("run", help="the run folder")
+
+    s = sub.add_parser("simulate", parents=[common], help="forward run with default or given parameters")
+    s.add_argument("config", help="the TOML configuration")
+    s.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a physical parameter (repeatable); overrides [model] parameters")
+    s.add_argument("-o", "--output-dir", help="folder for the run folder (default: run.output_dir)")
+    s.add_argument("--output", help="write only this results .h5 file (no run folder)")
+
+    i = sub.add_parser("inspect", parents=[common], help="symbolic inspection of the learned fluxes")
+    i.add_argument("run", help="the run folder")
+    return p
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, float]:
+    from .config import ConfigError
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--param {item!r}: expected NAME=VALUE, e.g. --param Smax=1200")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--param {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _epoch_hook(stop_after: int | None):
+    if stop_after is None:
+        return None
+    count = {"n": 0}
+
+    def hook(epoch: int, record: dict) -> None:
+        count["n"] += 1
+        if count["n"] >= stop_after:
+            raise _StopTraining()
+
+    return hook
+
+
+def _print_summary(metrics: dict, out) -> None:
+    from .runs import summary_table
+
+    print("", file=out)
+    print(summary_table(metrics), file=out)
+
+
+def _cmd_train(args, log) -> int:
+    from .config import load_config
+    from .runs import read_metrics, train
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config)
+    run_dir = train(cfg, output_dir=args.output_dir, progress=not args.quiet,
+                    on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
+    _print_summary(read_metrics(run_dir), sys.stdout)
+    print(f"\nrun folder: {run_dir} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _cmd_resume(args, log) -> int:
+    from .runs import read_metrics, resume
+
+    t0 = time.perf_counter()
+    run_dir = resume(args.run, progress=not args.quiet, on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
+    _print_summary(read_metrics(run_dir), sys.stdout)
+    print(f"\nrun folder: {run_dir} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _cmd_evaluate(args, log) -> int:
+    from .runs import evaluate
+
+    metrics = evaluate(args.run, log=log)
+    _print_summary(metrics, sys.stdout)
+    return 0
+
+
+def _cmd_simulate(args, log) -> int:
+    from .config import load_config
+    from .runs import read_metrics, simulate
+
+    params = _parse_params(args.param)
+    cfg = load_config(args.config)
+    out = simulate(cfg, parameters=params, output_dir=args.output_dir, output=args.output, log=log)
+    if args.output is None:
+        _print_summary(read_metrics(out.parent), sys.stdout)
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _cmd_inspect(args, log) -> int:
+    from .runs import RunError, _segment, _simulate, load_run, period_masks
+
+    try:
+        from .symbolic import inspect_model
+    except ImportError as e:
+        raise RunError(f"symbolic inspection is not available (adjointhydro.symbolic: {e})") from None
+    lr = load_run(args.run)
+    if lr.hybrid is None:
+        raise RunError(f"{args.run}: a physics-only run ({lr.physics.name}) has no networks to inspect")
+    cfg = lr.config
+    forcing, observed, dates = _segment(cfg)
+    masks = period_masks(cfg, dates)
+    params = lr.hybrid.physical_parameters().detach()
+    log(f"simulating the hybrid over {dates[0]}..{dates[-1]}")
+    sol = _simulate(lr.hybrid, forcing, params, cfg)
+    out_dir = Path(args.run) / "inspect"
+    out_dir.mkdir(exist_ok=True)
+    log(f"inspecting the networks of {lr.hybrid.name} (this can take a few minutes)")
+    report = inspect_model(lr.hybrid, forcing, sol, observed=observed, parameters=params, periods=masks,
+                           out_dir=out_dir)
+    chosen = getattr(report, "chosen", {}) or {}
+    for name, cand in chosen.items():
+        expr = getattr(cand, "expression", None) or getattr(cand, "template", cand)
+        print(f"{name}: {expr}")
+    print(f"\nreport: {out_dir}")
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "resume": _cmd_resume,
+    "evaluate": _cmd_evaluate,
+    "simulate": _cmd_simulate,
+    "inspect": _cmd_inspect,
+}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        text = e.args[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    from .data import DataError
+    from .forcing import ForcingError
+    from .model import ModelError
+    from .runs import RunInterrupted
+    from .solve import SolverError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as e:  # --help, --version or a usage error (argparse printed it)
+        return int(e.code) if isinstance(e.code, int) else 2
+    quiet = getattr(args, "quiet", False)
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, flush=True)
+
+    expected = (ValueError, DataError, ForcingError, ModelError, SolverError, FileNotFoundError,
+                FloatingPointError, PermissionError, IsADirectoryError, NotADirectoryError)
+    try:
+        return _COMMANDS[args.command](args, log)
+    except RunInterrupted as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except expected as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # python -m adjointhydro.cli
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Model: named stores, named fluxes between them, and bounded physical parameters.
+
+The right-hand side is assembled from the wiring of the fluxes: each store's rate
+of change is the sum of the fluxes entering it minus those leaving it, so mass
+(water) balance holds by construction, whatever a flux computes -- a physics
+expression or a neural network.
+
+Example::
+
+    model = Model(
+        name="linear reservoir",
+        stores=[Store("S", initial=10.0)],
+        forcing=["P"],
+        parameters=[Parameter("k", 0.01, 1.0, 0.1, "1/day")],
+        fluxes=[
+            Flux("rain", None, "S", lambda v: v.P),
+            Flux("Q", "S", None, lambda v: v.k * v.S),
+        ],
+        discharge=["Q"],
+    )
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars
+
+__all__ = ["Store", "Parameter", "Model", "ModelError"]
+
+
+class ModelError(ValueError):
+    """Raised for an inconsistent model definition or bad parameter values."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """A store (state variable), e.g. snow pack or soil water.
+
+    Args:
+        name: unique name, used as a variable in flux expressions.
+        units: units of the content, e.g. ``"mm"``.
+        initial: initial content, a number or a function of the parameters
+            (a :class:`~adjointhydro.fluxes.Vars` of ``[basin]`` tensors).
+        description: one line for reports.
+    """
+
+    name: str
+    units: str = "mm"
+    initial: float | Callable[[Vars], torch.Tensor] = 0.0
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A physical parameter with bounds; optimised as ``logit((p - low)/(high - low))``.
+
+    Args:
+        name: unique name, used as a variable in flux expressions.
+        low, high: bounds (inclusive of the open interval used in optimisation).
+        default: value used when none is given.
+        units: e.g. ``"mm"``, ``"1/mm"``, ``"mm/day/degC"``.
+    """
+
+    name: str
+    low: float
+    high: float
+    default: float
+    units: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ModelError(f"parameter {self.name!r}: low ({self.low}) must be below high ({self.high})")
+        if not self.low <= self.default <= self.high:
+            raise ModelError(
+                f"parameter {self.name!r}: default {self.default} outside [{self.low}, {self.high}]"
+            )
+
+
+FluxLike = Flux | NeuralFluxGroup
+
+
+class Model(nn.Module):
+    """A conceptual model: stores, fluxes between them, forcing and parameters.
+
+    Args:
+        stores: the stores, in state order.
+        fluxes: the fluxes, in evaluation order; a flux may read any flux listed before it.
+        forcing: names of the forcing variables the fluxes read (e.g. ``["P", "T", "PET"]``).
+        parameters: physical parameters with bounds.
+        discharge: names of the fluxes whose sum is the simulated discharge, if any.
+        name: a label for reports.
+        time_units: the unit of model time (rates are per this unit).
+
+    The model also holds default parameter values as a trainable tensor ``raw``
+    ``[1 or basin, parameter]`` in unconstrained space (see :meth:`set_parameters`).
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[Store],
+        fluxes: Sequence[FluxLike],
+        forcing: Sequence[str] = (),
+        parameters: Sequence[Parameter] = (),
+        discharge: Sequence[str] = (),
+        name: str = "model",
+        time_units: str = "day",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.time_units = time_units
+        self.stores = tuple(stores)
+        self.forcing_names = tuple(forcing)
+        self.parameters_spec = tuple(parameters)
+        self.discharge_fluxes = tuple(discharge)
+        self.flux_modules = nn.ModuleList(fluxes)
+        low = [p.low for p in self.parameters_spec]
+        high = [p.high for p in self.parameters_spec]
+        self.register_buffer("param_low", torch.tensor(low, dtype=torch.float64))
+        self.register_buffer("param_high", torch.tensor(high, dtype=torch.float64))
+        self._build()
+        default = torch.tensor([[p.default for p in self.parameters_spec]], dtype=torch.float64)
+        self.raw = nn.Parameter(self.to_unconstrained(default) if self.parameters_spec else default)
+
+    # ------------------------------------------------------------ structure
+    def _build(self) -> None:
+        store_names = [s.name for s in self.stores]
+        if not store_names:
+            raise ModelError(f"{self.name}: a model needs at least one store")
+        names = store_names + list(self.forcing_names) + [p.name for p in self.parameters_spec]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ModelError(
+                f"{self.name}: names used twice among stores, forcing and parameters: {sorted(dup)}"
+            )
+        known = set(names)
+        wiring: list[tuple[str, str | None, str | None]] = []
+        for f in self.flux_modules:
+            if not isinstance(f, (Flux, NeuralFluxGroup)):
+                raise ModelError(f"{self.name}: {f!r} is not a Flux or NeuralFluxGroup")
+            if isinstance(f, NeuralFlux) and not f._wired:
+                raise ModelError(
+                    f"{self.name}: neural flux {f.name!r} has no source or target; give them, "
+                    f"or use model.replace_flux() to take them from the flux it replaces"
+                )
+            for inp in f.inputs:
+                if inp not in known:
+                    raise ModelError(
+                        f"{self.name}: flux {f.names} reads {inp!r}, which is not a store, forcing "
+                        f"variable, parameter or earlier flux; known: {sorted(known)}"
+                    )
+            for n, src, tgt in f.wiring:
+                if n in known:
+                    raise ModelError(f"{self.name}: flux name {n!r} is already used")
+                for end, role in ((src, "leaves"), (tgt, "enters")):
+                    if end is not None and end not in store_names:
+                        raise ModelError(
+                            f"{self.name}: flux {n!r} {role} store {end!r}, which the model does not "
+                            f"have; stores: {store_names}"
+                        )
+                if src is None and tgt is None:
+                    raise ModelError(f"{self.name}: flux {n!r} must leave or enter a store")
+                wiring.append((n, src, tgt))
+                known.add(n)
+        for d in self.discharge_fluxes:
+            if d not in {w[0] for w in wiring}:
+                raise ModelError(f"{self.name}: discharge flux {d!r} is not a flux of the model")
+        self.wiring = tuple(wiring)
+        self.flux_names = tuple(w[0] for w in wiring)
+        self.store_names = tuple(store_names)
+        self.parameter_names = tuple(p.name for p in self.parameters_spec)
+        W = torch.zeros(len(wiring), len(store_names), dtype=torch.float64)
+        for i, (_, src, tgt) in enumerate(wiring):
+            if src is not None:
+                W[i, store_names.index(src)] -= 1.0
+            if tgt is not None:
+                W[i, store_names.index(tgt)] += 1.0
+        if "wiring_matrix" in self._buffers:
+            self.wiring_matrix = W
+        else:
+            self.register_buffer("wiring_matrix", W)
+
+    @property
+    def n_stores(self) -> int:
+        return len(self.stores)
+
+    @property
+    def n_fluxes(self) -> int:
+        return len(self.flux_names)
+
+    def flux_units(self) -> tuple[str, ...]:
+        out = []
+        for f in self.flux_modules:
+            out += [getattr(f, "units", "")] * len(f.names)
+        return tuple(out)
+
+    def flux(self, name: str) -> FluxLike:
+        """The module that computes flux ``name``."""
+        for f in self.flux_modules:
+            if name in f.names:
+                return f
+        raise ModelError(f"{self.name}: no flux {name!r}; fluxes: {list(self.flux_names)}")
+
+    def neural_fluxes(self) -> list[FluxLike]:
+        return [f for f in self.flux_modules if isinstance(f, (NeuralFlux, NeuralFluxGroup))]
+
+    def replace_flux(self, new: FluxLike, name: str | None = None) -> "Model":
+        """A copy of the model with flux ``name`` (default: ``new``'s name) replaced by ``new``.
+
+        A :class:`NeuralFlux` given without source and target takes them from the
+        flux it replaces. A :class:`NeuralFluxGroup` replaces every flux it names.
+        """
+        out = copy.deepcopy(self)
+        if isinstance(new, NeuralFluxGroup):
+            targets = list(new.names)
+        else:
+            targets = [name or new.name]
+        positions = []
+        for t in targets:
+            if t not in out.flux_names:
+                raise ModelError(f"{self.name}: no flux {t!r} to replace; fluxes: {list(self.flux_names)}")
+            positions.append(next(i for i, f in enumerate(out.flux_modules) if t in f.names))
+        if isinstance(new, Flux) and not getattr(new, "_wired", True):
+            old = dict((w[0], w) for w in self.wiring)[targets[0]]
+            new.source, new.target = old[1], old[2]
+            new._wired = True
+        keep = [f for i, f in enumerate(out.flux_modules) if i not in set(positions)]
+        # the new flux goes where the first replaced one was, so evaluation order is kept
+        at = min(positions)
+        before = [f for i, f in enumerate(out.flux_modules) if i < at and i not in set(positions)]
+        after = [f for f in keep if f not in before]
+        out.flux_modules = nn.ModuleList(before + [new] + after)
+        out._build()
+        return out
+
+    # ----------------------------------------------------------- parameters
+    def to_physical(self, raw: torch.Tensor) -> torch.Tensor:
+        """Unconstrained ``[..., P]`` -> physical values within the bounds."""
+        low, high = self.param_low.to(raw.dtype), self.param_high.to(raw.dtype)
+        return low + (high - low) * torch.sigmoid(raw)
+
+    def to_unconstrained(self, physical: torch.Tensor) -> torch.Tensor:
+        """Physical ``[..., P]`` -> unconstrained values (inverse of :meth:`to_physical`)."""
+        physical = torch.as_tensor(physical, dtype=torch.float64)
+        self.check_parameters(physical)
+        low, high = self.param_low.to(physical.dtype), self.param_high.to(physical.dtype)
+        u = ((physical - low) / (high - low)).clamp(1e-9, 1 - 1e-9)
+        return torch.log(u) - torch.log1p(-u)
+
+    def check_parameters(self, physical: torch.Tensor) -> None:
+        """Raise :class:`ModelError` naming parameter and basin for values outside bounds or NaN."""
+        p = physical.detach()
+        if p.shape[-1] != len(self.parameters_spec):
+            raise ModelError(
+                f"{self.name}: expected {len(self.parameters_spec)} parameters "
+                f"{list(self.parameter_names)}, got shape {tuple(p.shape)}"
+            )
+        low, high = self.param_low.to(p.dtype), self.param_high.to(p.dtype)
+        bad = ~((p >= low) & (p <= high))
+        if bad.any():
+            idx = bad.nonzero()[0].tolist()
+            j = idx[-1]
+            basin = f" for basin {idx[0]}" if p.ndim > 1 else ""
+            spec = self.parameters_spec[j]
+            raise ModelError(
+                f"{self.name}: parameter {spec.name!r} = {float(p[tuple(idx)])}{basin} is outside its "
+                f"bounds [{spec.low}, {spec.high}] {spec.units}"
+            )
+
+    def parameters_dict(self, physical: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[basin, P]`` physical values -> name -> ``[basin]``."""
+        return dict(zip(self.parameter_names, physical.unbind(-1)))
+
+    def physical_parameters(self) -> torch.Tensor:
+        """The model's own parameter values ``[1 or basin, P]`` (differentiable w.r.t. ``raw``)."""
+        return self.to_physical(self.raw)
+
+    def set_parameters(
+        self, values: Mapping[str, float | Sequence[float] | torch.Tensor] | torch.Tensor
+    ) -> None:
+        """Set the model's parameters from physical values.
+
+        ``values`` is a tensor ``[P]`` / ``[basin, P]`` or a mapping name -> value
+        (a number or per-basin values); names not given keep their current value.
+        """
+        if isinstance(values, Mapping):
+            unknown = set(values) - set(self.parameter_names)
+            if unknown:
+                raise ModelError(
+                    f"{self.name}: unknown parameters {sorted(unknown)}; parameters: {list(self.parameter_names)}"
+                )
+            cur = self.physical_parameters().detach()
+            n = max([cur.shape[0]] + [torch.as_tensor(v).numel() for v in values.values()])
+            new = cur.expand(n, -1).clone()
+            for k, v in values.items():
+                new[:, self.parameter_names.index(k)] = torch.as_tensor(v, dtype=new.dtype)
+            values = new
+        values = torch.as_tensor(values, dtype=torch.float64)
+        if values.ndim == 1:
+            values = values[None]
+        with torch.no_grad():
+            self.raw = nn.Parameter(self.to_unconstrained(values))
+
+    # -------------------------------------------------------------- dynamics
+    def initial_state(self, params: Vars, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """Initial stores ``[rows, n]`` from each store's ``initial``."""
+        cols = []
+        for s in self.stores:
+            if callable(s.initial):
+                cols.append(torch.as_tensor(s.initial(params), dtype=dtype).expand(n_rows))
+            else:
+                cols.append(torch.full((n_rows,), float(s.initial), dtype=dtype))
+        return torch.stack(cols, dim=-1)
+
+    def fluxes(self, stores: torch.Tensor, forcing: Vars, params: Vars) -> torch.Tensor:
+        """All flux rates ``[rows, m]`` at stores ``[rows, n]``.
+
+        ``forcing`` and ``params`` map names to ``[rows]`` tensors.
+        """
+        v = Vars(zip(self.store_names, stores.unbind(-1)))
+        v.update(forcing)
+        v.update(params)
+        out = []
+        for f in self.flux_modules:
+            r = f.forward(v)  # skip nn.Module hook dispatch: this runs millions of times
+            if isinstance(f, NeuralFluxGroup):
+                cols = r.unbind(-1)
+                v.update(zip(f.names, cols))
+                out.extend(cols)
+            else:
+                v[f.name] = r
+                out.append(r)
+        return torch.stack(out, dim=-1)
+
+    def extra_repr(self) -> str:
+        lines = [f"name={self.name!r}", f"stores={list(self.store_names)}"]
+        for n, s, t in self.wiring:
+            lines.append(f"  {n}: {s or 'outside'} -> {t or 'outside'}")
+        return "\n".join(lines)

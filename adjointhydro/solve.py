@@ -1,0 +1,752 @@
+"""Solve a model over a forcing record, with a choice of sensitivity (gradient) method.
+
+One function, :func:`solve`, in the spirit of diffrax's ``diffeqsolve``: the
+model, the forcing, the method and the way gradients are computed are explicit
+arguments. Three sensitivities:
+
+* :class:`Direct` -- backpropagate through the solver's operations. Exact for the
+  discrete solution; memory grows with the length of the record.
+* :class:`Adjoint` -- torchdiffeq's ``odeint_adjoint``: the adjoint ODE is solved
+  backward in time; memory does not grow with the record (beyond the outputs).
+* :class:`CheckpointedAdjoint` -- the forward pass keeps the stores at every
+  period boundary (one state vector per checkpoint) and nothing else (for small
+  batches it solves all periods of a window in parallel by Newton's method on the
+  period maps, see :func:`_forward_parallel`); the
+  backward pass recomputes the periods from these checkpoints. Periods are
+  recomputed many at a time as parallel rows; the adjoint is carried from period
+  to period with the exact Jacobian of each period's solution (reverse-mode AD on
+  replicated rows), all periods of a window at once by a parallel affine scan,
+  so the gradient equals that of :class:`Direct` to rounding while memory stays
+  bounded by ``max_rows``. The default: stable for dissipative bucket models and
+  fast.
+
+The native solver (methods ``euler``, ``midpoint``, ``heun``, ``rk4``, ``bosh3``,
+``dopri5``) takes per-basin adaptive steps that always stop on period boundaries,
+where piecewise-constant forcing jumps. Any other torchdiffeq method runs through
+torchdiffeq with the period boundaries passed as jump times (with a fix for
+torchdiffeq 0.2.5, which ignores every jump after one that a step lands on).
+"""
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _rk
+from ._torchdiffeq_compat import is_adaptive, jump_safe_method
+from .fluxes import Vars
+from .forcing import Forcing, ForcingError, interpolate
+from .model import Model, ModelError
+
+__all__ = [
+    "solve",
+    "Solution",
+    "Direct",
+    "Adjoint",
+    "CheckpointedAdjoint",
+    "SolverError",
+    "NATIVE_METHODS",
+]
+
+NATIVE_METHODS = tuple(_rk.TABLEAUS)
+
+
+class SolverError(RuntimeError):
+    """The solver could not advance (non-finite state, step-size underflow); names basin and date."""
+
+
+# ------------------------------------------------------------------ sensitivities
+@dataclass(frozen=True)
+class Direct:
+    """Backpropagate through every solver operation (memory grows with the record)."""
+
+
+@dataclass(frozen=True)
+class Adjoint:
+    """torchdiffeq ``odeint_adjoint``: adjoint ODE solved backward in time.
+
+    Args:
+        adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: forward's).
+    """
+
+    adjoint_rtol: float | None = None
+    adjoint_atol: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointedAdjoint:
+    """Checkpoints at every period boundary; backward pass recomputes periods in parallel.
+
+    Args:
+        max_rows: at most this many (basin x period) rows are solved at once in the
+            parallel forward and backward passes; bounds memory independently of the
+            record length.
+        parallel_forward: solve the periods of a window in parallel by Newton's method
+            (``None``: automatically for small batches, where per-step overhead dominates);
+            falls back to the sequential solve if Newton does not converge.
+        max_newton: Newton iterations per window before falling back.
+        warm_start: start Newton from the previous solve's trajectory when the shapes
+            match (training loops: parameters change little between steps).
+    """
+
+    max_rows: int = 32768
+    parallel_forward: bool | None = None
+    max_newton: int = 50
+    warm_start: bool = False
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+_SENSITIVITY_NAMES = {
+    "direct": Direct,
+    "backprop": Direct,
+    "adjoint": Adjoint,
+    "checkpoint": CheckpointedAdjoint,
+    "checkpointed": CheckpointedAdjoint,
+    "checkpointed_adjoint": CheckpointedAdjoint,
+    "checkpointed adjoint": CheckpointedAdjoint,
+}
+
+
+def _as_sensitivity(s) -> Direct | Adjoint | CheckpointedAdjoint:
+    if isinstance(s, (Direct, Adjoint, CheckpointedAdjoint)):
+        return s
+    if isinstance(s, str) and s.lower() in _SENSITIVITY_NAMES:
+        return _SENSITIVITY_NAMES[s.lower()]()
+    raise ValueError(
+        f"unknown sensitivity {s!r}; use 'direct', 'adjoint', 'checkpoint' or an instance of "
+        f"Direct, Adjoint, CheckpointedAdjoint"
+    )
+
+
+# ----------------------------------------------------------------------- solution
+@dataclass
+class Solution:
+    """Result of :func:`solve`.
+
+    Attributes:
+        stores: contents ``[basin, period + 1, store]`` at period boundaries;
+            index ``k`` is the start of period ``k`` (index 0 the initial state).
+        fluxes: flux totals over each period ``[basin, period, flux]`` (rate x time,
+            e.g. mm per day): directly comparable with observed daily totals.
+        store_names, flux_names, store_units, flux_units: labels (flux units are of
+            the totals, e.g. ``"mm"``).
+        dates: dates of the periods (or ``None``), basins: basin ids.
+        stats: solver statistics (flux evaluations, iterations, seconds).
+    """
+
+    stores: torch.Tensor
+    fluxes: torch.Tensor
+    store_names: tuple[str, ...]
+    flux_names: tuple[str, ...]
+    store_units: tuple[str, ...]
+    flux_units: tuple[str, ...]
+    discharge_names: tuple[str, ...] = ()
+    wiring: tuple[tuple[str, str | None, str | None], ...] = ()
+    dates: np.ndarray | None = None
+    basins: tuple[str, ...] = ()
+    stats: dict = field(default_factory=dict)
+
+    def store(self, name: str) -> torch.Tensor:
+        """Content of one store ``[basin, period + 1]``."""
+        if name not in self.store_names:
+            raise KeyError(f"no store {name!r}; stores: {list(self.store_names)}")
+        return self.stores[..., self.store_names.index(name)]
+
+    def flux(self, name: str) -> torch.Tensor:
+        """Totals of one flux per period ``[basin, period]``."""
+        if name not in self.flux_names:
+            raise KeyError(f"no flux {name!r}; fluxes: {list(self.flux_names)}")
+        return self.fluxes[..., self.flux_names.index(name)]
+
+    @property
+    def discharge(self) -> torch.Tensor:
+        """Simulated discharge per period ``[basin, period]``: the sum of the model's discharge fluxes."""
+        if not self.discharge_names:
+            raise KeyError("the model declares no discharge fluxes")
+        return sum(self.flux(n) for n in self.discharge_names)
+
+    def mass_balance_error(self) -> torch.Tensor:
+        """Per basin: change in total storage minus net inflow from outside, over the record."""
+        d_storage = (self.stores[:, -1] - self.stores[:, 0]).sum(-1)
+        net = torch.zeros_like(d_storage)
+        for i, (_, src, tgt) in enumerate(self.wiring):
+            tot = self.fluxes[:, :, i].sum(-1)
+            if src is None:
+                net = net + tot
+            if tgt is None:
+                net = net - tot
+        return d_storage - net
+
+
+# --------------------------------------------------------------------- the problem
+class _Problem:
+    """Everything a period integration needs, independent of the rows being solved."""
+
+    def __init__(self, model: Model, forcing: Forcing, fidx: list[int], tab, rtol, atol, fixed_step, max_steps):
+        self.model = model
+        self.fnames = tuple(forcing.names[i] for i in fidx)
+        self.fidx = fidx
+        self.span = float(forcing.step)
+        self.mode = forcing.interpolation
+        self.basins = forcing.basins
+        self.forcing = forcing
+        self.tab = tab
+        self.rtol = rtol
+        self.atol = atol
+        self.fixed_step = fixed_step
+        self.max_steps = max_steps
+        self.n_evals = 0
+        self.n_iterations = 0
+
+    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring):
+        """Integrate rows over their periods.
+
+        ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
+        ``b_idx``/``k_idx`` give each row's basin and period (``None`` = all basins, one period ``k_idx``).
+        """
+        model = self.model
+        if b_idx is None:
+            pr = params
+            fk = fvals[:, k_idx]
+        else:
+            pr = params[b_idx]
+            fk = fvals[b_idx, k_idx]
+        pdict = Vars(zip(model.parameter_names, pr.unbind(-1)))
+        if self.mode == "constant" or fvals.shape[1] == 1:
+            fdict = Vars(zip(self.fnames, fk.unbind(-1)))
+
+            def flux(y, s):
+                return model.fluxes(y, fdict, pdict)
+        else:
+            T = fvals.shape[1]
+            if b_idx is None:
+                fp = fvals[:, max(k_idx - 1, 0)]
+                fn = fvals[:, min(k_idx + 1, T - 1)]
+            else:
+                fp = fvals[b_idx, (k_idx - 1).clamp(min=0)]
+                fn = fvals[b_idx, (k_idx + 1).clamp(max=T - 1)]
+            span = self.span
+
+            def flux(y, s):
+                # linear between period midpoints: kink at s = span/2
+                u = (s / span)[:, None]
+                first = u < 0.5
+                f = torch.where(first, fp + (fk - fp) * (u + 0.5), fk + (fn - fk) * (u - 0.5))
+                return model.fluxes(y, Vars(zip(self.fnames, f.unbind(-1))), pdict)
+
+        y1, q, dt, dt_start, it, ne = _rk.integrate_period(
+            flux, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step, self.max_steps
+        )
+        self.n_evals += ne
+        self.n_iterations += it
+        return y1, q, dt, dt_start
+
+    def fail(self, e: _rk.StepFailure, b: int, k: int) -> SolverError:
+        basin = self.basins[b] if b < len(self.basins) else str(b)
+        when = self.forcing.date_str(k + e.time / self.span)
+        return SolverError(
+            f"solver failed for basin {basin!r} at {when}: {e.reason} "
+            f"(model {self.model.name!r}, method {self.tab.name}, rtol={self.rtol}, atol={self.atol}). "
+            f"Check parameters and forcing of this basin, or tighten/loosen the tolerances."
+        )
+
+
+def _forward_sequential(prob: _Problem, y0, fvals, params, wiring):
+    """Period by period for all basins; returns stores ``[B,T+1,n]``, totals ``[B,T,m]``, first steps ``[B,T]``."""
+    B, T = fvals.shape[0], fvals.shape[1]
+    ys = [y0]
+    qs = []
+    dts = []
+    dt = None  # first period: initial step selection
+    y = y0
+    for k in range(T):
+        try:
+            y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring)
+            dts.append(dt_start)
+        except _rk.StepFailure as e:
+            raise prob.fail(e, e.row, k) from None
+        ys.append(y)
+        qs.append(q)
+    return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(dts, 1)
+
+
+def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None):
+    """Period maps of many rows and their exact Jacobians, by one reverse pass over replicated rows.
+
+    Returns ``(y1, q, dt_start, J, v)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
+    when ``gq`` ``[R, m]`` is given, ``v = (d q / d y0)^T gq`` ``[R, n]``. (Reverse mode on
+    ``n (+1)`` copies of the rows: PyTorch's forward-mode AD is many times slower for
+    ``linear``, ``where`` and ``minimum``.)
+    """
+    R, n = y_rows.shape
+    reps = n + (1 if gq is not None else 0)
+    with torch.enable_grad():
+        y_in = y_rows.detach().repeat(reps, 1).requires_grad_(True)
+        rep = lambda x: None if x is None else (x.repeat(reps) if x.ndim == 1 else x.repeat(reps, 1))
+        y1, q1, _, dt_start = prob.period(
+            y_in, fvals.detach(), params.detach(), rep(b_idx), rep(k_idx), rep(dt), wiring
+        )
+        eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
+        cy = eye.repeat_interleave(R, dim=0)
+        cq = torch.zeros_like(q1)
+        if gq is not None:
+            cy = torch.cat([cy, torch.zeros(R, n, dtype=cy.dtype, device=cy.device)])
+            cq[n * R:] = gq
+        (g,) = torch.autograd.grad((y1, q1), (y_in,), (cy, cq))
+    J = g[: n * R].view(n, R, n).transpose(0, 1)
+    v = g[n * R:] if gq is not None else None
+    return y1.detach()[:R], q1.detach()[:R], dt_start[:R], J, v
+
+
+def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """States of ``y[k+1] = A[k] y[k] + b[k]`` for k = 0..C-1, in log2(C) parallel steps.
+
+    ``A`` ``[C, B, n, n]``, ``b`` ``[C, B, n]``, ``y0`` ``[B, n]``; returns ``[C, B, n]``.
+    (Hillis-Steele prefix composition of the affine maps.)
+    """
+    C = A.shape[0]
+    d = 1
+    while d < C:
+        A_tail = A[d:] @ A[:-d]
+        b_tail = (A[d:] @ b[:-d, ..., None])[..., 0] + b[d:]
+        A = torch.cat([A[:d], A_tail])
+        b = torch.cat([b[:d], b_tail])
+        d *= 2
+    return (A @ y0[None, ..., None])[..., 0] + b
+
+
+def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, max_newton: int, guess=None):
+    """Parallel-in-time forward solve: Newton on the period maps, all periods of a window as rows.
+
+    Each period's map y[k+1] = Phi_k(y[k]) and its Jacobian (forward-mode AD) are
+    evaluated for all periods of a window at once; the linearised recurrence is
+    solved with a parallel affine scan. After i iterations the first i periods are
+    exact, so the method cannot do worse than the sequential solve in iterations;
+    in practice a few iterations give the solution to rounding. Windows of at most
+    ``max_rows`` rows run one after another, so memory does not grow with the record.
+    Returns ``None`` when Newton does not converge (the caller then solves sequentially).
+    """
+    B, T, _ = fvals.shape
+    n = y0.shape[1]
+    m = wiring.shape[0]
+    C = max(2, max_rows // max(B * n, 1))
+    Ys, Qs, DTs = [], [], []
+    y_start = y0
+    iters = 0
+    for k0 in range(0, T, C):
+        k1 = min(T, k0 + C)
+        c = k1 - k0
+        R = c * B
+        b_idx = torch.arange(B, device=y0.device).repeat(c)
+        k_idx = torch.arange(k0, k1, device=y0.device).repeat_interleave(B)
+        if guess is not None:
+            g = guess[:, k0:k1].transpose(0, 1).clone()
+            g[0] = y_start
+        else:
+            g = y_start[None].expand(c, B, n).clone()
+        ok = False
+        for _ in range(max_newton):
+            iters += 1
+            yg = g.reshape(R, n)
+            y1, q1, dt_start, J, _ = _period_jacobian(prob, yg, fvals, params, b_idx, k_idx, None, wiring)
+            phi = y1.view(c, B, n)
+            M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
+            q = q1.view(c, B, m)
+            dts = dt_start.view(c, B)
+            bvec = phi - (M @ g[..., None])[..., 0]
+            y_next = _affine_scan(M, bvec, y_start)
+            new = torch.cat([y_start[None], y_next[:-1]])
+            scale = prob.atol + prob.rtol * new.abs()
+            change = float(((new - g).abs() / scale).max()) if c > 1 else 0.0
+            g = new
+            if not torch.isfinite(new).all():
+                break
+            if change < 1e-4:
+                ok = True
+                break
+        if not ok:
+            return None
+        # outputs from the converged maps; stores accumulated from the flux totals so
+        # that mass balance holds exactly, not just to the Newton residual
+        Ys.append(y_start[None] + torch.cumsum(q @ wiring, dim=0))
+        Qs.append(q)
+        DTs.append(dts)
+        y_start = Ys[-1][-1]
+    prob.n_newton = iters
+    Y = torch.cat([y0[None]] + Ys).transpose(0, 1)
+    return Y, torch.cat(Qs).transpose(0, 1), torch.cat(DTs).transpose(0, 1)
+
+
+def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params, fvals):
+    """Forward pass without a graph: parallel-in-time where it pays, else period by period."""
+    wiring = prob.model.wiring_matrix.to(y0.dtype)
+    B = y0.shape[0]
+    parallel = sens.parallel_forward
+    if parallel is None:
+        # small batches are dominated by per-step overhead: solve periods in parallel
+        parallel = B * y0.shape[1] * 64 <= sens.max_rows and fvals.shape[1] > 1 and prob.tab.e is not None
+    out = None
+    # (forward-mode AD does not run inside autograd.Function.forward, hence out here)
+    with torch.no_grad():
+        y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
+        if parallel:
+            guess = sens._cache.get("stores") if sens.warm_start else None
+            if guess is not None and guess.shape != (B, fvals.shape[1] + 1, y0.shape[1]):
+                guess = None
+            out = _forward_parallel(prob, y0d, fd, pd, wiring, sens.max_rows, sens.max_newton, guess)
+            prob.parallel = out is not None
+        if out is None:
+            out = _forward_sequential(prob, y0d, fd, pd, wiring)
+    if sens.warm_start:
+        sens._cache["stores"] = out[0]
+    return out
+
+
+class _CheckpointedSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, prob, sens, Y, Q, DT, y0, params, fvals, *weights):
+        ctx.prob = prob
+        ctx.max_rows = sens.max_rows
+        ctx.save_for_backward(Y, DT, params, fvals, *weights)
+        return Y.clone(), Q.clone()
+
+    @staticmethod
+    def backward(ctx, gY, gQ):
+        prob: _Problem = ctx.prob
+        Y, DT, params, fvals, *weights = ctx.saved_tensors
+        wiring = prob.model.wiring_matrix.to(Y.dtype)
+        B, T1, n = Y.shape
+        T = T1 - 1
+        m = wiring.shape[0]
+        if gY is None:
+            gY = torch.zeros_like(Y)
+        if gQ is None:
+            gQ = torch.zeros(B, T, m, dtype=Y.dtype, device=Y.device)
+        need_p = ctx.needs_input_grad[6]
+        need_f = ctx.needs_input_grad[7]
+        w_need = [ctx.needs_input_grad[8 + i] for i in range(len(weights))]
+        g_params = torch.zeros_like(params) if need_p else None
+        g_f = torch.zeros_like(fvals) if need_f else None
+        g_w = [torch.zeros_like(w) if nw else None for w, nw in zip(weights, w_need)]
+        lam = gY[:, T].clone()
+        C = max(1, ctx.max_rows // max(B * (n + 1), 1))
+        dev = Y.device
+        for k1 in range(T, 0, -C):
+            k0 = max(0, k1 - C)
+            c = k1 - k0
+            R = c * B
+            # rows ordered [period, basin]
+            y_rows = Y[:, k0:k1].transpose(0, 1).reshape(R, n)
+            dt_rows = DT[:, k0:k1].transpose(0, 1).reshape(R)
+            b_idx = torch.arange(B, device=dev).repeat(c)
+            k_idx = torch.arange(k0, k1, device=dev).repeat_interleave(B)
+            # 1. Jacobians of each period's map (stores -> stores) and the direct
+            #    contribution of the totals' cotangents, (dq/dy)^T gQ, in one reverse pass
+            gQc = gQ[:, k0:k1].transpose(0, 1)  # [c, B, m]
+            try:
+                _, _, _, J, v = _period_jacobian(
+                    prob, y_rows, fvals, params, b_idx, k_idx, dt_rows, wiring, gq=gQc.reshape(R, m)
+                )
+            except _rk.StepFailure as e:
+                r = e.row % R
+                raise prob.fail(e, int(b_idx[r]), int(k_idx[r])) from None
+            # 2. adjoint recurrence lam_k = c_k + J_k^T lam_{k+1}, period by period
+            cQ = v.view(c, B, n) + gY[:, k0:k1].transpose(0, 1)
+            Jt = J.view(c, B, n, n).transpose(-1, -2)
+            # solved as a reversed parallel affine scan instead of c sequential products
+            lam_all = _affine_scan(Jt.flip(0), cQ.flip(0), lam).flip(0)  # lam_all[i] = lam_{k0+i}
+            lam_next = torch.cat([lam_all[1:], lam[None]])
+            lam = lam_all[0]
+            # 3. parameter, weight and forcing gradients: one reverse pass over all rows
+            wants = [need_p, need_f] + w_need
+            if any(wants):
+                with torch.enable_grad():
+                    p_leaf = params.detach().requires_grad_(need_p)
+                    f_leaf = fvals.detach().requires_grad_(need_f)
+                    y1, q1, _, _ = prob.period(y_rows, f_leaf, p_leaf, b_idx, k_idx, dt_rows, wiring)
+                    inputs = [x for x, w in zip([p_leaf, f_leaf] + list(weights), wants) if w]
+                    grads = torch.autograd.grad(
+                        (y1, q1), inputs, (lam_next.reshape(R, n), gQc.reshape(R, m)), allow_unused=True
+                    )
+                it = iter(grads)
+                if need_p:
+                    g = next(it)
+                    if g is not None:
+                        g_params += g
+                if need_f:
+                    g = next(it)
+                    if g is not None:
+                        g_f += g
+                for i, nw in enumerate(w_need):
+                    if nw:
+                        g = next(it)
+                        if g is not None:
+                            g_w[i] += g
+        return (None, None, None, None, None, lam, g_params, g_f, *g_w)
+
+
+class _TorchdiffeqRHS(nn.Module):
+    """Augmented right-hand side for torchdiffeq: stores and cumulative flux totals."""
+
+    def __init__(self, model: Model, fvals: torch.Tensor, params: torch.Tensor, fnames, span, mode):
+        super().__init__()
+        self.model = model
+        self.fvals = fvals
+        self.params = params
+        self.fnames = fnames
+        self.span = span
+        self.mode = mode
+        self.n = model.n_stores
+        self.n_evals = 0
+
+    def forward(self, t, z):
+        self.n_evals += 1
+        y = z[:, : self.n]
+        f = interpolate(self.fvals, t, self.span, self.mode)
+        F = self.model.fluxes(
+            y,
+            Vars(zip(self.fnames, f.unbind(-1))),
+            Vars(zip(self.model.parameter_names, self.params.unbind(-1))),
+        )
+        return torch.cat([F @ self.model.wiring_matrix.to(F.dtype), F], dim=-1)
+
+
+def _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_size, sens, options):
+    import torchdiffeq
+
+    B, T = fvals.shape[0], fvals.shape[1]
+    span = prob.span
+    rhs = _TorchdiffeqRHS(model, fvals, params, prob.fnames, span, prob.mode)
+    z0 = torch.cat([y0, torch.zeros(B, model.n_fluxes, dtype=y0.dtype, device=y0.device)], dim=-1)
+    t = torch.arange(T + 1, dtype=y0.dtype, device=y0.device) * span
+    opts = dict(options or {})
+    if is_adaptive(method):
+        jumps = t[1:-1] if prob.mode == "constant" else (torch.arange(T, dtype=y0.dtype) + 0.5) * span
+        if len(jumps):
+            opts.setdefault("jump_t", jumps)
+        m = jump_safe_method(method)
+    else:
+        m = method
+        if method in ("euler", "midpoint", "rk4", "heun3", "explicit_adams", "implicit_adams"):
+            opts.setdefault("step_size", step_size or span)
+            if method in ("euler", "midpoint", "rk4", "heun3"):
+                opts.setdefault("perturb", True)
+    try:
+        if isinstance(sens, Adjoint):
+            adj_params = tuple(p for p in model.parameters() if p.requires_grad and p is not model.raw)
+            extra = tuple(x for x in (params, fvals) if x.requires_grad)
+            adj_opts = {k: v for k, v in opts.items()}
+            if "jump_t" in adj_opts:
+                adj_opts["jump_t"] = adj_opts["jump_t"]
+            z = torchdiffeq.odeint_adjoint(
+                rhs, z0, t, rtol=rtol, atol=atol, method=m, options=opts,
+                adjoint_rtol=sens.adjoint_rtol or rtol, adjoint_atol=sens.adjoint_atol or atol,
+                adjoint_method=m, adjoint_options=adj_opts, adjoint_params=adj_params + extra,
+            )
+        else:
+            z = torchdiffeq.odeint(rhs, z0, t, rtol=rtol, atol=atol, method=m, options=opts)
+    except AssertionError as e:
+        bad = ""
+        raise SolverError(
+            f"torchdiffeq ({method}) failed for model {model.name!r}: {e}{bad}. A native method "
+            f"(one of {NATIVE_METHODS}) reports the failing basin and date."
+        ) from None
+    z = z.transpose(0, 1)  # [B, T+1, n+m]
+    n = model.n_stores
+    Y = z[:, :, :n]
+    Q = z[:, 1:, n:] - z[:, :-1, n:]
+    prob.n_evals += rhs.n_evals
+    return Y, Q
+
+
+# ------------------------------------------------------------------------- solve
+def solve(
+    model: Model,
+    forcing: Forcing,
+    *,
+    parameters: torch.Tensor | Mapping[str, float | Sequence[float] | torch.Tensor] | None = None,
+    initial_state: torch.Tensor | Mapping[str, float | Sequence[float] | torch.Tensor] | None = None,
+    method: str = "dopri5",
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    step_size: float | None = None,
+    sensitivity: str | Direct | Adjoint | CheckpointedAdjoint = "checkpoint",
+    max_steps: int = 10000,
+    dtype: torch.dtype | None = None,
+    options: dict | None = None,
+) -> Solution:
+    """Solve ``model`` over the whole ``forcing`` record for every basin at once.
+
+    Args:
+        model: the model (stores, fluxes, parameters).
+        forcing: forcing ``[basin, period, variable]``; must contain the model's forcing names.
+        parameters: physical parameter values: ``[P]``, ``[basin, P]`` or name -> value(s).
+            Default: the model's own (:meth:`Model.physical_parameters`), differentiable.
+            Values outside the bounds raise :class:`~adjointhydro.model.ModelError`.
+        initial_state: stores at the start ``[basin, n]`` or name -> value(s);
+            default: each store's ``initial``.
+        method: ``dopri5`` (default), ``bosh3`` (adaptive), ``euler``, ``midpoint``,
+            ``heun``, ``rk4`` (fixed step) natively; any other torchdiffeq method
+            (e.g. ``dopri8``, ``adaptive_heun``) through torchdiffeq.
+        rtol, atol: tolerances of adaptive methods (``atol`` in store units, e.g. mm).
+        step_size: step of fixed-step methods in model time (default: one period).
+        sensitivity: ``"checkpoint"`` (default), ``"adjoint"``, ``"direct"``, or an
+            instance of :class:`CheckpointedAdjoint`, :class:`Adjoint`, :class:`Direct`.
+        max_steps: most steps allowed in one period before failing.
+        dtype: floating type of the solve; default: the model's network weights'
+            dtype if it has networks, else float64.
+        options: extra torchdiffeq options (torchdiffeq methods only).
+
+    Returns:
+        a :class:`Solution` with stores at period boundaries and flux totals per period.
+
+    Raises:
+        ForcingError, ModelError: bad input, before any integration.
+        SolverError: the solver could not advance; names the basin and the date.
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be an adjointhydro Model, got {type(model).__name__}")
+    if not isinstance(forcing, Forcing):
+        raise TypeError(
+            f"forcing must be an adjointhydro Forcing (values [basin, time, variable] with names), "
+            f"got {type(forcing).__name__}"
+        )
+    sens = _as_sensitivity(sensitivity)
+    missing = [n for n in model.forcing_names if n not in forcing.names]
+    if missing:
+        raise ForcingError(
+            f"{forcing.source}: model {model.name!r} needs forcing {list(model.forcing_names)}, "
+            f"missing {missing}; forcing has {list(forcing.names)}"
+        )
+    if not rtol > 0 or not atol > 0:
+        raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+    native = method in _rk.TABLEAUS
+    if not native:
+        from ._torchdiffeq_compat import _odeint_mod as _tdo
+
+        if method not in _tdo.SOLVERS:
+            raise ValueError(
+                f"unknown method {method!r}; native: {list(NATIVE_METHODS)}, torchdiffeq: "
+                f"{sorted(k for k in _tdo.SOLVERS if not k.startswith('_'))}"
+            )
+        if isinstance(sens, CheckpointedAdjoint):
+            raise ValueError(
+                f"sensitivity 'checkpoint' needs a native method {list(NATIVE_METHODS)}; "
+                f"use sensitivity='adjoint' or 'direct' with torchdiffeq's {method!r}"
+            )
+    if step_size is not None and not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    if dtype is None:
+        w = [p for f in model.neural_fluxes() for p in f.parameters()]
+        dtype = w[0].dtype if w else torch.float64
+    for f in model.neural_fluxes():
+        for p in f.parameters():
+            if p.dtype != dtype:
+                raise ModelError(
+                    f"network weights of {f.names} are {p.dtype} but the solve is {dtype}; "
+                    f"call model.to({dtype}) or pass dtype={p.dtype}"
+                )
+    B = forcing.n_basins
+    # parameters
+    if parameters is None:
+        params = model.physical_parameters()
+    elif isinstance(parameters, Mapping):
+        unknown = set(parameters) - set(model.parameter_names)
+        if unknown:
+            raise ModelError(
+                f"{model.name}: unknown parameters {sorted(unknown)}; parameters: {list(model.parameter_names)}"
+            )
+        base = model.physical_parameters().detach()
+        cols = []
+        for j, name in enumerate(model.parameter_names):
+            if name in parameters:
+                cols.append(torch.as_tensor(parameters[name], dtype=dtype).reshape(-1).expand(B))
+            else:
+                cols.append(base[:, j].to(dtype).expand(B))
+        params = torch.stack(cols, -1)
+        model.check_parameters(params)
+    else:
+        params = torch.as_tensor(parameters)
+        model.check_parameters(params)
+    params = params.to(dtype)
+    if params.ndim == 1:
+        params = params[None]
+    if params.shape[0] not in (1, B):
+        raise ModelError(
+            f"{model.name}: parameters for {params.shape[0]} basins but forcing has {B} basins"
+        )
+    params = params.expand(B, -1)
+    if model.parameter_names and not params.requires_grad:
+        model.check_parameters(params)
+    # initial state
+    pv = Vars(zip(model.parameter_names, params.unbind(-1)))
+    if initial_state is None:
+        y0 = model.initial_state(pv, B, dtype)
+    elif isinstance(initial_state, Mapping):
+        unknown = set(initial_state) - set(model.store_names)
+        if unknown:
+            raise ModelError(f"{model.name}: unknown stores {sorted(unknown)}; stores: {list(model.store_names)}")
+        y0 = model.initial_state(pv, B, dtype)
+        cols = list(y0.unbind(-1))
+        for name, v in initial_state.items():
+            cols[model.store_names.index(name)] = torch.as_tensor(v, dtype=dtype).reshape(-1).expand(B)
+        y0 = torch.stack(cols, -1)
+    else:
+        y0 = torch.as_tensor(initial_state, dtype=dtype)
+        if y0.ndim == 1:
+            y0 = y0[None].expand(B, -1)
+        if tuple(y0.shape) != (B, model.n_stores):
+            raise ModelError(
+                f"{model.name}: initial_state must have shape [{B}, {model.n_stores}] "
+                f"(basins, stores {list(model.store_names)}), got {tuple(y0.shape)}"
+            )
+    if not torch.isfinite(y0.detach()).all():
+        raise ModelError(f"{model.name}: initial state has non-finite values")
+    fidx = [forcing.index(n) for n in model.forcing_names]
+    fvals = forcing.values[..., fidx].to(dtype)
+    tab = _rk.TABLEAUS.get(method)
+    fixed = None
+    if native and tab.e is None:
+        fixed = float(step_size or forcing.step)
+    elif native and step_size is not None:
+        fixed = float(step_size)  # adaptive tableau used with a fixed step
+    prob = _Problem(model, forcing, fidx, tab, rtol, atol, fixed, max_steps)
+    t0 = _time.perf_counter()
+    if not native or isinstance(sens, Adjoint):
+        Y, Q = _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_size, sens, options)
+    elif isinstance(sens, Direct):
+        wiring = model.wiring_matrix.to(dtype)
+        Y, Q, _ = _forward_sequential(prob, y0, fvals, params, wiring)
+    else:
+        weights = [p for p in model.parameters() if p.requires_grad and p is not model.raw]
+        if not torch.is_grad_enabled():
+            weights = []
+        Y, Q, DT = _checkpoint_forward(prob, sens, y0, params, fvals)
+        Y, Q = _CheckpointedSolve.apply(prob, sens, Y, Q, DT, y0, params, fvals, *weights)
+    units = tuple(s.units for s in model.stores)
+    funits = tuple(u.split("/")[0] if "/" in u else u for u in model.flux_units())
+    return Solution(
+        stores=Y,
+        fluxes=Q,
+        store_names=model.store_names,
+        flux_names=model.flux_names,
+        store_units=units,
+        flux_units=funits,
+        discharge_names=model.discharge_fluxes,
+        wiring=model.wiring,
+        dates=forcing.dates,
+        basins=forcing.basins,
+        stats={
+            "flux_evaluations": prob.n_evals,
+            "iterations": prob.n_iterations,
+            "forward_seconds": _time.perf_counter() - t0,
+            "method": method,
+            "sensitivity": type(sens).__name__,
+            "parallel_forward": getattr(prob, "parallel", False),
+            "newton_iterations": getattr(prob, "n_newton", 0),
+        },
+    )

@@ -1,0 +1,63 @@
+"""Shared fixtures: synthetic forcing that always exists, real data that may not."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adjointhydro import Forcing
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def synthetic_forcing(n_basins: int = 3, n_days: int = 730, seed: int = 0, snow: bool = True) -> Forcing:
+    """Weather-generator-like daily forcing: wet/dry days, seasonal temperature and PET."""
+    rng = np.random.default_rng(seed)
+    doy = np.arange(n_days) % 365
+    season = np.cos(2 * np.pi * (doy - 200) / 365)
+    temp = 8 + 14 * season[None] + rng.normal(0, 3, (n_basins, n_days)) + rng.normal(0, 3, (n_basins, 1))
+    wet = rng.random((n_basins, n_days)) < 0.45
+    precip = rng.gamma(0.7, 7.0, (n_basins, n_days)) * wet
+    pet = np.clip(2.2 + 1.8 * season, 0.1, None)[None].repeat(n_basins, 0) * rng.uniform(0.8, 1.2, (n_basins, 1))
+    dates = np.datetime64("2001-01-01") + np.arange(n_days)
+    if snow:
+        return Forcing(np.stack([precip, temp, pet], -1), ("P", "T", "PET"), ("mm/day", "degC", "mm/day"),
+                       dates=dates, source="synthetic")
+    return Forcing(np.stack([precip, pet], -1), ("P", "PET"), ("mm/day", "mm/day"), dates=dates, source="synthetic")
+
+
+@pytest.fixture
+def forcing3() -> Forcing:
+    return synthetic_forcing()
+
+
+def exphydro_sample_forcing(n_days: int | None = None) -> Forcing:
+    folder = SHARED_DATA / "exphydro_sample"
+    if not folder.exists():
+        pytest.skip(f"real data folder {folder} is absent (a fresh clone has no ../shared)")
+    from adjointhydro.data import load_exphydro_sample
+
+    ds = load_exphydro_sample(folder)
+    f = ds.to_forcing(["P", "T", "PET"])
+    return f if n_days is None else f.select(steps=slice(0, n_days))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+    yield

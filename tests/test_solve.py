@@ -1,0 +1,248 @@
+"""Solver: agreement with scipy references, mass balance, batching, jumps, gradients."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from adjointhydro import Forcing, solve
+from adjointhydro.models import exphydro, exphydro_m50, lotka_volterra, reservoir_cascade
+
+from conftest import exphydro_sample_forcing, synthetic_forcing
+
+
+# --------------------------------------------------------------- scipy reference
+def _step(x, k=5.0):
+    return 0.5 * (np.tanh(k * x) + 1.0)
+
+
+def exphydro_rhs_numpy(y, P, T, PET, p):
+    """EXP-HYDRO written out again, independently of the library, for the reference."""
+    f, smax, qmax, df, tmax, tmin = p
+    snow, soil = y[0], y[1]
+    ps = _step(tmin - T) * P
+    pr = _step(T - tmin) * P
+    melt = _step(T - tmax) * _step(snow) * min(snow, df * (T - tmax))
+    et = _step(soil) * _step(soil - smax) * PET + _step(soil) * _step(smax - soil) * PET * soil / smax
+    qb = _step(soil) * _step(soil - smax) * qmax + _step(soil) * _step(smax - soil) * qmax * np.exp(-f * (smax - soil))
+    qs = _step(soil - smax) * (soil - smax)
+    q = qb + qs
+    return np.array([ps - melt, pr + melt - et - q, et, q])
+
+
+def reference_exphydro(forcing: Forcing, params, y0, rtol=1e-8, atol=1e-8):
+    """Day-by-day solve_ivp (DOP853) of stores plus cumulative ET and Q; returns daily Q [T]."""
+    v = forcing.values[0].numpy()
+    y = np.array([y0[0], y0[1], 0.0, 0.0])
+    qs = []
+    for k in range(v.shape[0]):
+        P, T, PET = v[k]
+        sol = solve_ivp(lambda t, z: exphydro_rhs_numpy(z, P, T, PET, params), (0.0, 1.0), y,
+                        method="DOP853", rtol=rtol, atol=atol)
+        y1 = sol.y[:, -1]
+        qs.append(y1[3] - y[3])
+        y = np.array([y1[0], y1[1], y1[2], y1[3]])
+    return np.array(qs)
+
+
+PARAMS = [0.017, 1709.0, 18.47, 2.67, 0.176, -2.09]
+
+
+def _check_against_reference(forcing, rtol_model, tol):
+    model = exphydro()
+    model.set_parameters(dict(zip(model.parameter_names, PARAMS)))
+    with torch.no_grad():
+        sol = solve(model, forcing, rtol=rtol_model, atol=rtol_model)
+    q = sol.discharge[0].numpy()
+    ref = reference_exphydro(forcing, PARAMS, (0.0, PARAMS[1]))
+    rel = np.abs(q - ref) / np.maximum(np.abs(ref), 1e-3)
+    assert rel.max() < tol, f"max relative error {rel.max():.2e} at day {rel.argmax()}"
+    return rel
+
+
+@pytest.mark.slow
+def test_exphydro_matches_scipy_on_real_forcing_five_years():
+    forcing = exphydro_sample_forcing(5 * 365)
+    _check_against_reference(forcing, 1e-7, 1e-4)
+
+
+def test_exphydro_matches_scipy_on_synthetic_forcing():
+    forcing = synthetic_forcing(1, 2 * 365)
+    _check_against_reference(forcing, 1e-7, 1e-4)
+
+
+def test_default_tolerance_is_accurate_not_coarse():
+    # speed must not come from coarse steps: default rtol gives daily Q within 1e-3 (relative)
+    forcing = synthetic_forcing(1, 365, seed=3)
+    _check_against_reference(forcing, 1e-3, 2e-3)
+
+
+# ------------------------------------------------------------------ mass balance
+@pytest.mark.parametrize("factory", [exphydro, lambda: exphydro_m50(), reservoir_cascade])
+def test_mass_balance_ten_years(factory):
+    model = factory()
+    snow = "T" in model.forcing_names
+    forcing = synthetic_forcing(2, 3650, seed=1, snow=True)
+    with torch.no_grad():
+        sol = solve(model, forcing)
+    p_total = forcing["P"].sum(-1)
+    d_storage = (sol.stores[:, -1] - sol.stores[:, 0]).sum(-1)
+    out = sum(sol.flux(n) for n, s, t in model.wiring if t is None).sum(-1)
+    inflow = sum(sol.flux(n) for n, s, t in model.wiring if s is None).sum(-1)
+    # all water entering is precipitation
+    assert torch.allclose(inflow, p_total, rtol=1e-12, atol=1e-9) or not snow
+    err = (d_storage - (p_total - out)).abs()
+    assert (err < 1e-6 * p_total).all(), err
+    assert (sol.mass_balance_error().abs() < 1e-6 * p_total).all()
+
+
+# ----------------------------------------------------------------------- batching
+@pytest.mark.parametrize("sensitivity", ["checkpoint", "adjoint"])
+def test_batch_equals_separate_solves(sensitivity):
+    forcing = synthetic_forcing(4, 200, seed=2)
+    model = exphydro()
+    params = model.physical_parameters().detach().repeat(4, 1)
+    params[:, 1] = torch.tensor([300.0, 800.0, 1200.0, 1800.0], dtype=torch.float64)
+    params[:, 0] = torch.tensor([0.01, 0.02, 0.05, 0.1], dtype=torch.float64)
+    with torch.no_grad():
+        # torchdiffeq shares one step size across the batch: compare it at a tight tolerance
+        tol = 1e-6 if sensitivity == "checkpoint" else 1e-8
+        batch = solve(model, forcing, parameters=params, sensitivity=sensitivity, rtol=tol, atol=tol)
+        for b in range(4):
+            one = solve(model, forcing.select([b]), parameters=params[b:b + 1], sensitivity=sensitivity,
+                        rtol=tol, atol=tol)
+            if sensitivity == "checkpoint":
+                # per-basin steps: the batch takes exactly the steps of the single solve
+                assert torch.allclose(batch.discharge[b], one.discharge[0], rtol=1e-9, atol=1e-9)
+            else:
+                assert torch.allclose(batch.discharge[b], one.discharge[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- discontinuities
+def test_adaptive_solves_respect_day_boundaries_over_years():
+    """Multi-year adaptive solves: native and jump-safe torchdiffeq both stop at every day boundary."""
+    forcing = synthetic_forcing(2, 3 * 365, seed=4)
+    model = exphydro()
+    with torch.no_grad():
+        tight = solve(model, forcing, rtol=1e-9, atol=1e-9).discharge
+        native = solve(model, forcing, rtol=1e-3, atol=1e-3).discharge
+        tdq = solve(model, forcing, rtol=1e-3, atol=1e-3, sensitivity="adjoint").discharge
+    for q in (native, tdq):
+        rel = ((q - tight).abs() / tight.abs().clamp(min=1e-2)).max()
+        assert rel < 5e-3, rel
+    # late in the record too (torchdiffeq 0.2.5's own jump handling fails from the first exact landing on)
+    assert ((tdq[:, -365:] - tight[:, -365:]).abs() / tight[:, -365:].clamp(min=1e-2)).max() < 5e-3
+
+
+def test_unpatched_torchdiffeq_jump_bug_is_real():
+    """Documents why the fix exists: torchdiffeq's own jump_t handling loses later jumps."""
+    import torchdiffeq
+
+    # dy/dt = u(t), u = 1 on even days and 0 on odd days; y(T) = number of even days
+    n = 40
+    u = torch.tensor([1.0 if k % 2 == 0 else 0.0 for k in range(n)], dtype=torch.float64)
+
+    def f(t, y):
+        k = torch.clamp(torch.floor(t).long(), 0, n - 1)
+        return u[k].expand_as(y)
+
+    t = torch.tensor([0.0, float(n)], dtype=torch.float64)
+    jumps = torch.arange(1, n, dtype=torch.float64)
+    from adjointhydro._torchdiffeq_compat import jump_safe_method
+
+    y_fixed = torchdiffeq.odeint(f, torch.zeros(1, dtype=torch.float64), t, method=jump_safe_method("dopri5"),
+                                 rtol=1e-3, atol=1e-3, options={"jump_t": jumps})[-1]
+    assert abs(float(y_fixed) - n / 2) < 1e-6
+
+
+# ---------------------------------------------------------- other models vs scipy
+def test_lotka_volterra_matches_scipy():
+    model = lotka_volterra()
+    forcing = Forcing.empty(1, 30, step=0.1)
+    with torch.no_grad():
+        sol = solve(model, forcing, rtol=1e-9, atol=1e-9)
+    a, b, c, d = 1.3, 0.9, 0.8, 1.8
+    ref = solve_ivp(lambda t, u: [a * u[0] - b * u[0] * u[1], c * u[0] * u[1] - d * u[1]], (0, 3),
+                    [0.44249296, 4.6280594], t_eval=np.linspace(0, 3, 31), rtol=1e-11, atol=1e-11)
+    assert np.allclose(sol.stores[0].numpy().T, ref.y, rtol=1e-6, atol=1e-8)
+
+
+def test_cascade_routing_against_scipy():
+    model = reservoir_cascade(3)
+    forcing = synthetic_forcing(1, 200, seed=5, snow=False)
+    with torch.no_grad():
+        sol = solve(model, forcing, rtol=1e-8, atol=1e-8)
+    p = model.physical_parameters().detach()[0].numpy()
+    smax, beta, kp, k = p
+    v = forcing.values[0].numpy()
+
+    def rhs(y, P, PET):
+        s = max(y[0], 0.0)
+        u = s / smax
+        w = _step(1 - u, 50.0)
+        et = PET * (w * u + (1 - w))
+        rech = kp * s * u ** beta
+        r = y[1:4]
+        return np.array([P - et - rech, rech - k * r[0], k * r[0] - k * r[1], k * r[1] - k * r[2], k * r[2]])
+
+    y = np.array([0.5 * smax, 0, 0, 0, 0.0])
+    qs = []
+    for day in range(v.shape[0]):
+        z = solve_ivp(lambda t, yy: rhs(yy, *v[day]), (0, 1), y, method="DOP853", rtol=1e-10, atol=1e-10).y[:, -1]
+        qs.append(z[4] - y[4])
+        y = z
+    assert np.allclose(sol.discharge[0].numpy(), qs, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------- linear forcing
+def test_linear_forcing_integrates_the_interpolant():
+    # a store that only collects P: its gain over interior day k is (P[k-1] + 6 P[k] + P[k+1]) / 8
+    from adjointhydro import Flux, Model, Store
+
+    model = Model([Store("S")], [Flux("in", None, "S", lambda v: v.P)], forcing=["P"])
+    p = torch.tensor([[0.0, 4.0, 8.0, 0.0, 2.0, 2.0]], dtype=torch.float64)
+    forcing = Forcing(p[..., None], ("P",), interpolation="linear")
+    with torch.no_grad():
+        sol = solve(model, forcing, rtol=1e-10, atol=1e-10)
+    got = sol.flux("in")[0]
+    for k in range(1, 5):
+        want = (p[0, k - 1] + 6 * p[0, k] + p[0, k + 1]) / 8
+        assert abs(float(got[k] - want)) < 1e-7
+    # and piecewise constant gives exactly the daily totals
+    sol_c = solve(model, Forcing(p[..., None], ("P",)), rtol=1e-10, atol=1e-10)
+    assert torch.allclose(sol_c.flux("in"), p, atol=1e-12)
+
+
+# ----------------------------------------------------------------- fixed steps
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4", "bosh3"])
+def test_other_methods_converge(method):
+    forcing = synthetic_forcing(1, 100, seed=6)
+    model = exphydro()
+    with torch.no_grad():
+        ref = solve(model, forcing, rtol=1e-9, atol=1e-9).discharge
+        kw = {"step_size": 1 / 64} if method != "bosh3" else {"rtol": 1e-6, "atol": 1e-6}
+        q = solve(model, forcing, method=method, **kw).discharge
+    tol = {"euler": 2e-2, "midpoint": 1e-3, "heun": 1e-3, "rk4": 1e-5, "bosh3": 1e-4}[method]
+    assert ((q - ref).abs() / ref.abs().clamp(min=1e-2)).max() < tol
+
+
+def test_torchdiffeq_only_method_runs():
+    forcing = synthetic_forcing(1, 60, seed=6)
+    model = exphydro()
+    with torch.no_grad():
+        ref = solve(model, forcing, rtol=1e-9, atol=1e-9).discharge
+        q = solve(model, forcing, method="dopri8", rtol=1e-7, atol=1e-7, sensitivity="direct").discharge
+    assert ((q - ref).abs() / ref.abs().clamp(min=1e-2)).max() < 1e-4
+
+
+def test_solution_labels_and_units():
+    forcing = synthetic_forcing(2, 30)
+    sol = solve(exphydro(), forcing)
+    assert sol.stores.shape == (2, 31, 2) and sol.fluxes.shape == (2, 30, 5)
+    assert sol.store_names == ("snow", "soil") and sol.store_units == ("mm", "mm")
+    assert sol.flux_units[sol.flux_names.index("Q")] == "mm"
+    assert sol.dates[0] == np.datetime64("2001-01-01") and sol.basins == ("0", "1")
+    assert torch.equal(sol.discharge, sol.flux("Q"))
+    with pytest.raises(KeyError, match="no flux 'q'"):
+        sol.flux("q")
