@@ -1332,7 +1332,8 @@ def build_library(
 
     Monomials of the varying inputs up to ``degree`` (1 included); ``x**p`` for
     positive inputs and ``p`` in ``powers``; ``exp(b*(S - S_ref))`` for each store
-    with ``b = r / range(S)`` for ``r`` in ``rates``; with ``forcing_products`` the
+    with ``b = r / range(S)`` for ``r`` in ``rates`` (refined within 1.5 times the
+    span of the grid when selected); with ``forcing_products`` the
     products of each driver (non-store input) with those exponentials.
     """
     X = X if X is not None else {k: v[samples.visited] for k, v in samples.inputs.items()}
@@ -1353,12 +1354,14 @@ def build_library(
         x = X[s]
         rng = max(float(np.ptp(x)), 1e-12)
         ref = _nice(float(x.max()))
+        # refined rates stay within the grid's span (x1.5): steeper terms only fit single edge points
+        rb = (1.5 * min(min(rates), 0.0) / rng, 1.5 * max(max(rates), 0.0) / rng) if rates else (0.0, 0.0)
         for r in rates:
             e = sp.exp(_RATE * (_sym(s) - ref))
-            terms.append(Term(f"exp({r / rng:.3g}*({s} - {ref:g}))", e, _RATE, r / rng))
+            terms.append(Term(f"exp({r / rng:.3g}*({s} - {ref:g}))", e, _RATE, r / rng, rb))
             if forcing_products:
                 for d in drivers:
-                    terms.append(Term(f"{d}*exp({r / rng:.3g}*({s} - {ref:g}))", _sym(d) * e, _RATE, r / rng))
+                    terms.append(Term(f"{d}*exp({r / rng:.3g}*({s} - {ref:g}))", _sym(d) * e, _RATE, r / rng, rb))
     return terms
 
 
@@ -2132,7 +2135,8 @@ def resimulate(
         observed: discharge ``[basin, period]`` or stores ``[basin, period+1, store]``
             (NaN = missing); without it no metrics are computed.
         periods: name -> boolean mask over periods (default one period ``"all"``).
-        hybrid_solution: the hybrid's solution over ``forcing`` (solved if omitted).
+        hybrid_solution: the hybrid's solution over ``forcing`` (solved if omitted);
+            without ``initial_state`` its first stores are the initial state.
         recalibrate: also refit the symbolic constants through the ODE (torch
             gradients, L-BFGS for ``iterations`` steps) on ``calibration_period``
             (default: the first period) and report the recalibrated model.
@@ -2145,6 +2149,8 @@ def resimulate(
         kw["parameters"] = parameters
     if initial_state is not None:
         kw["initial_state"] = initial_state
+    if initial_state is None and hybrid_solution is not None and hybrid_solution.stores.shape[1] == forcing.n_steps + 1:
+        kw["initial_state"] = hybrid_solution.stores[:, 0].detach()  # start where the hybrid started
     sym = symbolic_model(model, replacements)
     exprs = {n: str(_round_expr(sym.flux(n).expression, 6)) for n in replacements if isinstance(sym.flux(n), SymbolicFlux)}
     obs = None if observed is None else np.asarray(
@@ -2271,9 +2277,8 @@ class InspectionReport:
     def to_markdown(self, n_candidates: int = 8) -> str:
         L = [f"# Symbolic inspection of {self.model}", ""]
         s = self.settings
-        L.append(f"Criterion: {s.get('criterion', 'bic').upper()} with fixed noise "
-                 f"(relative level {_fmt(s.get('relative_noise_level'), '.3g')}, source: {s.get('noise_source')}), "
-                 f"effective sample size {s.get('n_eff')}.")
+        L.append(f"Criterion: {s.get('criterion', 'bic').upper()} with a fixed noise std per flux "
+                 f"({s.get('noise_source')}), effective sample size {s.get('n_eff')}.")
         L.append("")
         for name, fi in self.fluxes.items():
             c = fi.chosen
@@ -2473,23 +2478,67 @@ def _plot_pareto(fi: FluxInspection) -> bytes:
     return _figure_bytes(fig)
 
 
-def _relative_noise_from_residuals(model: Model, solution: Any, observed: Any) -> float | None:
-    if observed is None or not model.discharge_fluxes:
+@dataclass
+class _NoiseModel:
+    """Noise std per flux for the criteria: tied to observation residuals where possible."""
+
+    absolute: dict[str, float]  # fluxes tied directly to observations (rates)
+    relative: float | None  # residual level relative to the observations' spread, for the others
+    source: str
+
+
+def _residual_noise(model: Model, solution: Any, observed: Any, step: float) -> _NoiseModel | None:
+    """Noise levels from the hybrid's residuals.
+
+    Discharge ``[B,T]`` (totals per period): ``sigma = std(obs - sim) / step`` for the
+    discharge fluxes (a rate). Stores ``[B,T+1,n]``: a flux leaving or entering an
+    observed store gets ``sqrt(2) * std(obs - sim) / step`` (the rate error that the
+    difference of two noisy states over one period carries). Other fluxes get the
+    relative residual level ``std(obs - sim) / std(obs)`` times their own spread.
+    """
+    if observed is None or solution is None:
         return None
     obs = np.asarray(observed.detach().cpu().numpy() if isinstance(observed, torch.Tensor) else observed, dtype=np.float64)
     if obs.ndim == 1:
         obs = obs[None]
-    if obs.ndim != 2:
+    absolute: dict[str, float] = {}
+    rel: list[float] = []
+    if obs.ndim == 3:
+        sim = solution.stores.detach().cpu().numpy()[..., : obs.shape[-1]]
+        if sim.shape != obs.shape:
+            return None
+        sig: dict[str, float] = {}
+        for i, name in enumerate(solution.store_names[: obs.shape[-1]]):
+            r = obs[..., i] - sim[..., i]
+            ok = np.isfinite(r)
+            if ok.sum() >= 3:
+                sig[name] = float(np.std(r[ok]))
+                so = float(np.std(obs[..., i][ok]))
+                if so > 0:
+                    rel.append(sig[name] / so)
+        for n, src, tgt in model.wiring:
+            ends = [sig[e] for e in (src, tgt) if e in sig]
+            if ends:
+                absolute[n] = math.sqrt(2.0) * min(ends) / step
+        source = "hybrid store residuals: sqrt(2)*std(obs - sim)/step per flux of an observed store"
+    elif obs.ndim == 2 and model.discharge_fluxes:
+        sim = solution.discharge.detach().cpu().numpy()
+        if sim.shape != obs.shape:
+            return None
+        r = obs - sim
+        ok = np.isfinite(r)
+        if ok.sum() < 3:
+            return None
+        sr = float(np.std(r[ok])) / step
+        for n in model.discharge_fluxes:
+            absolute[n] = sr
+        so = float(np.std(obs[ok])) / step
+        if so > 0:
+            rel.append(sr / so)
+        source = "hybrid discharge residuals: std(obs - sim)/step"
+    else:
         return None
-    sim = solution.discharge.detach().cpu().numpy()
-    if sim.shape != obs.shape:
-        return None
-    r = obs - sim
-    ok = np.isfinite(r)
-    if ok.sum() < 3:
-        return None
-    so = float(np.std(obs[ok]))
-    return float(np.std(r[ok]) / so) if so > 0 else None
+    return _NoiseModel(absolute, float(np.median(rel)) if rel else None, source)
 
 
 def inspect_model(
@@ -2502,6 +2551,7 @@ def inspect_model(
     out_dir: str | os.PathLike | None = None,
     noise_std: float | Mapping[str, float] | None = None,
     *,
+    noise_floor: float = 0.01,
     fluxes: Sequence[str] | None = None,
     criterion: str = "bic",
     n_eff: float | None = None,
@@ -2509,6 +2559,9 @@ def inspect_model(
     max_points: int = 1500,
     grid_points: int = 1500,
     substeps: int = 1,
+    initial_state: Any = None,
+    resimulate_forcing: Forcing | None = None,
+    resimulate_observed: Any = None,
     joint: bool = True,
     resimulate_model: bool = True,
     recalibrate: bool = False,
@@ -2527,26 +2580,29 @@ def inspect_model(
         periods: name -> boolean mask over periods for the metrics (e.g. calibration/validation).
         out_dir: write ``report.md``, ``report.json`` and PNG plots there.
         noise_std: absolute noise std per flux (a number for all, or flux -> number).
-            Default: the relative size of the hybrid's discharge residuals
-            (``std(obs - sim) / std(obs)``, clipped to [0.001, 0.2]) times each
-            flux's spread when ``observed`` discharge is given, else 1% of the spread.
+            Default from the hybrid's residuals when ``observed`` is given: a
+            discharge flux gets ``std(obs - sim)`` (as a rate), a flux of an observed
+            store ``sqrt(2)*std(obs - sim)/step``, any other flux the relative
+            residual level ``std(obs - sim)/std(obs)`` times its spread; never less
+            than ``noise_floor`` (1%) of the flux's spread, the default without observations.
         criterion, n_eff, rel_noise, max_points: see :class:`FluxRegressor`.
         joint: fit catalogue forms of different fluxes that share parameter names together.
+        initial_state: initial stores of the re-simulation (default: the solution's first stores).
+        resimulate_forcing, resimulate_observed: re-simulate over another (e.g. longer)
+            record; ``periods`` then refer to it.
         resimulate_model, recalibrate: run :func:`resimulate` with the chosen expressions.
     """
     t_all = time.perf_counter()
     names = list(fluxes) if fluxes is not None else [n for f in model.neural_fluxes() for n in f.names]
     if not names:
         raise ValueError(f"{model.name}: no neural fluxes to inspect (pass fluxes=[...] to inspect others)")
-    rel = _relative_noise_from_residuals(model, solution, observed)
+    noise = _residual_noise(model, solution, observed, float(forcing.step))
     if isinstance(noise_std, (int, float)) or isinstance(noise_std, Mapping):
         source = "given"
-    elif rel is not None:
-        rel = float(np.clip(rel, 1e-3, 0.2))
-        source = "hybrid discharge residuals"
+    elif noise is not None:
+        source = noise.source + f"; floor {noise_floor:g} x spread"
     else:
-        rel = 0.01
-        source = "default (1% of each flux's spread)"
+        source = f"default ({noise_floor:g} x each flux's spread)"
     out: dict[str, FluxInspection] = {}
     fit_data: dict[str, _FitData] = {}
     for name in names:
@@ -2554,15 +2610,18 @@ def inspect_model(
         smp = sample_flux(model, name, solution, forcing, parameters, grid_points=grid_points,
                           max_visited=max(max_points * 2, 2000), substeps=substeps, seed=seed)
         y = smp.output[smp.visited] if smp.n_visited else smp.output
-        if isinstance(noise_std, Mapping):
-            ns = noise_std.get(name)
+        spread = float(np.std(y)) or max(float(np.abs(y).mean()), 1e-12)
+        if isinstance(noise_std, Mapping) and name in noise_std:
+            ns = float(noise_std[name])
         elif isinstance(noise_std, (int, float)):
             ns = float(noise_std)
         else:
-            ns = None
-        if ns is None:
-            spread = float(np.std(y)) or max(float(np.abs(y).mean()), 1e-12)
-            ns = rel * spread
+            ns = noise_floor * spread
+            if noise is not None:
+                if name in noise.absolute:
+                    ns = max(ns, noise.absolute[name])
+                elif noise.relative is not None:
+                    ns = max(ns, noise.relative * spread)
         reg = FluxRegressor(noise_std=ns, rel_noise=rel_noise, n_eff=n_eff, criterion=criterion,
                             max_points=max_points, seed=seed, **dict(regressor_kw or {})).fit(smp)
         best = reg.best_
@@ -2578,13 +2637,17 @@ def inspect_model(
         joints = _joint_fits(out, fit_data)
     resim = None
     if resimulate_model:
-        same = solution is not None and getattr(solution, "stores", None) is not None and \
-            solution.stores.shape[1] == forcing.n_steps + 1
-        resim = resimulate(model, {n: fi.chosen for n, fi in out.items()}, forcing, observed=observed,
+        rf = resimulate_forcing or forcing
+        robs = resimulate_observed if resimulate_forcing is not None else observed
+        same = rf is forcing and solution is not None and solution.stores.shape[1] == forcing.n_steps + 1
+        init = initial_state if initial_state is not None else (
+            solution.stores[:, 0].detach() if solution is not None else None)
+        resim = resimulate(model, {n: fi.chosen for n, fi in out.items()}, rf, observed=robs,
                            periods=periods, parameters=parameters, hybrid_solution=solution if same else None,
-                           recalibrate=recalibrate)
+                           initial_state=init, recalibrate=recalibrate)
     settings = {"criterion": criterion, "n_eff": n_eff if n_eff is not None else DEFAULT_N_EFF,
-                "relative_noise_level": rel, "rel_noise": rel_noise, "noise_source": source,
+                "noise_floor": noise_floor, "rel_noise": rel_noise, "noise_source": source,
+                "residual_noise": None if noise is None else {"absolute": noise.absolute, "relative": noise.relative},
                 "max_points": max_points, "seconds": time.perf_counter() - t_all}
     report = InspectionReport(model.name, out, joints, resim, settings)
     if out_dir is not None:

@@ -790,7 +790,7 @@ def pretrain_fluxes(
                 (mse / var).sum().backward()
                 opt.step()
                 for k, i in enumerate(outs):
-                    hist[f.names[i]].append(float(mse[k]))
+                    hist[f.names[i]].append(float(mse[k].detach()))
         history.update(hist)
     return history
 
