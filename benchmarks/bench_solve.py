@@ -1,0 +1,138 @@
+"""Solve and gradient throughput of the EXP-HYDRO M50 hybrid, per sensitivity.
+
+Prints a table: basins x years, sensitivity, forward seconds, forward+backward
+seconds, flux evaluations (calls of the right-hand side, each over a whole batch),
+basin-days per second (forward+backward) and peak resident memory, next to a
+plain torchdiffeq ``odeint_adjoint`` dopri5 baseline measured in the same run
+(forcing looked up at each time, one step size for the whole batch, no jump
+handling). Each case runs in its own process so that peak memory is its own.
+
+    python benchmarks/bench_solve.py                 # the full grid
+    python benchmarks/bench_solve.py --basins 1 64 --years 1 --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+CASE = r'''
+import json, resource, sys, time
+import numpy as np, torch
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+from adjointhydro import Forcing, solve, CheckpointedAdjoint
+from adjointhydro.models import exphydro_m50
+
+B, years, sens, repeat = {basins}, {years}, "{sens}", {repeat}
+T = 365 * years
+rng = np.random.default_rng(0)
+doy = np.arange(T) % 365
+season = np.cos(2 * np.pi * (doy - 200) / 365)
+temp = 8 + 14 * season[None] + rng.normal(0, 3, (B, T))
+prcp = rng.gamma(0.7, 7.0, (B, T)) * (rng.random((B, T)) < 0.45)
+pet = np.clip(2.2 + 1.8 * season, 0.1, None)[None].repeat(B, 0)
+forcing = Forcing(np.stack([prcp, temp, pet], -1), ("P", "T", "PET"))
+model = exphydro_m50(hidden=(16, 16))
+obs = torch.from_numpy(prcp * 0.4)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def baseline_run(backward):
+    import torchdiffeq
+    fv = forcing.values
+    params = model.physical_parameters().expand(B, -1)
+    class RHS(torch.nn.Module):
+        def __init__(self):
+            super().__init__(); self.m = model; self.n = 0
+        def forward(self, t, z):
+            self.n += 1
+            k = torch.clamp(torch.floor(t).long(), 0, T - 1)
+            f = fv[:, k]
+            from adjointhydro.fluxes import Vars
+            F = model.fluxes(z[:, :2], Vars(zip(("P", "T", "PET"), f.unbind(-1))),
+                             Vars(zip(model.parameter_names, params.unbind(-1))))
+            return torch.cat([F @ model.wiring_matrix, F], -1)
+    rhs = RHS()
+    z0 = torch.cat([model.initial_state(Vars(zip(model.parameter_names, params.unbind(-1))), B, torch.float64),
+                    torch.zeros(B, 5, dtype=torch.float64)], -1)
+    t = torch.arange(T + 1, dtype=torch.float64)
+    z = torchdiffeq.odeint_adjoint(rhs, z0, t, rtol=1e-3, atol=1e-3, method="dopri5",
+                                   adjoint_params=tuple(p for p in model.parameters() if p is not model.raw))
+    q = (z[1:, :, 6] - z[:-1, :, 6]).T
+    t1 = time.perf_counter()
+    if backward:
+        ((q - obs) ** 2).mean().backward()
+    return q, rhs.n
+
+from adjointhydro.fluxes import Vars
+res = []
+for r in range(repeat):
+    model.zero_grad()
+    t0 = time.perf_counter()
+    if sens == "torchdiffeq":
+        q, nfe = baseline_run(False)
+        t1 = time.perf_counter()
+        ((q - obs) ** 2).mean().backward()
+    else:
+        sensitivity = {{"checkpoint": CheckpointedAdjoint(), "checkpoint-seq": CheckpointedAdjoint(parallel_forward=False)}}.get(sens, sens)
+        sol = solve(model, forcing, sensitivity=sensitivity, rtol=1e-3, atol=1e-3)
+        t1 = time.perf_counter()
+        ((sol.discharge - obs) ** 2).mean().backward()
+        nfe = sol.stats["flux_evaluations"]
+    t2 = time.perf_counter()
+    res.append((t1 - t0, t2 - t0, nfe))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+res.sort(key=lambda x: x[1])
+fwd, tot, nfe = res[len(res) // 2]
+print(json.dumps(dict(fwd=fwd, total=tot, nfe=nfe, peak_mb=rss / 1024, base_mb=rss0 / 1024)))
+'''
+
+
+def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, timeout: float) -> dict:
+    code = CASE.format(basins=basins, years=years, sens=sens, repeat=repeat, threads=threads)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"> {timeout:.0f} s"}
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1][:60]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--basins", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--years", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--sensitivities", nargs="+",
+                    default=["torchdiffeq", "checkpoint", "checkpoint-seq", "adjoint", "direct"])
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is skipped")
+    args = ap.parse_args()
+    import torch
+
+    print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
+          f"python {platform.python_version()}  torch {torch.__version__}  threads={args.threads}")
+    print(f"{'basins':>6} {'years':>5} {'sensitivity':>15} {'fwd s':>8} {'fwd+bwd s':>10} {'nfe':>7} "
+          f"{'basin-days/s':>13} {'peak MB':>8} {'x baseline':>10}")
+    for years in args.years:
+        for basins in args.basins:
+            base = None
+            for sens in args.sensitivities:
+                r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout)
+                if "error" in r:
+                    print(f"{basins:>6} {years:>5} {sens:>15} {r['error']:>40}", flush=True)
+                    continue
+                bd = basins * 365 * years / r["total"]
+                if sens == "torchdiffeq":
+                    base = r["total"]
+                ratio = f"{base / r['total']:.1f}" if base else "-"
+                print(f"{basins:>6} {years:>5} {sens:>15} {r['fwd']:>8.2f} {r['total']:>10.2f} {r['nfe']:>7d} "
+                      f"{bd:>13.0f} {r['peak_mb']:>8.0f} {ratio:>10}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

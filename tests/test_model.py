@@ -1,0 +1,175 @@
+"""Model definition, fluxes, parameters and clear errors for bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adjointhydro import (Flux, Forcing, ForcingError, Model, ModelError, NeuralFlux, NeuralFluxGroup,
+                          Parameter, SolverError, Store, solve)
+from adjointhydro.models import exphydro, exphydro_m50, exphydro_m100, lotka_volterra_ude
+
+from conftest import synthetic_forcing
+
+
+def bucket(**kw):
+    return Model(
+        [Store("S", initial=10.0)],
+        [Flux("rain", None, "S", lambda v: v.P), Flux("Q", "S", None, lambda v: v.k * v.S)],
+        forcing=["P"],
+        parameters=[Parameter("k", 0.01, 1.0, 0.1, "1/day")],
+        discharge=["Q"],
+        **kw,
+    )
+
+
+def test_wiring_matrix_and_names():
+    m = exphydro()
+    assert m.store_names == ("snow", "soil")
+    assert m.flux_names == ("snowfall", "rainfall", "melt", "et", "Q")
+    W = m.wiring_matrix
+    assert W.tolist() == [[1, 0], [0, 1], [-1, 1], [0, -1], [0, -1]]
+
+
+def test_linear_reservoir_against_analytic_solution():
+    m = bucket()
+    forcing = Forcing(torch.zeros(1, 10, 1, dtype=torch.float64), ("P",))
+    sol = solve(m, forcing, rtol=1e-10, atol=1e-10)
+    t = torch.arange(11, dtype=torch.float64)
+    assert torch.allclose(sol.store("S")[0], 10.0 * torch.exp(-0.1 * t), rtol=1e-8)
+    # daily totals are integrals of the rate, not the rate at midnight
+    assert torch.allclose(sol.flux("Q")[0], 10.0 * (torch.exp(-0.1 * t[:-1]) - torch.exp(-0.1 * t[1:])), rtol=1e-8)
+
+
+def test_replace_flux_by_network_in_one_line_keeps_wiring_and_mass_balance():
+    m = exphydro()
+    h = m.replace_flux(NeuralFlux("et", ["soil", "PET"], limit_by="soil")).double()
+    assert h.wiring == m.wiring and isinstance(h.flux("et"), NeuralFlux)
+    assert not isinstance(m.flux("et"), NeuralFlux)  # the original is untouched
+    forcing = synthetic_forcing(2, 200)
+    with torch.no_grad():
+        sol = solve(h, forcing)
+    assert (sol.flux("et") >= 0).all()
+    assert (sol.mass_balance_error().abs() < 1e-8).all()
+
+
+def test_neural_flux_is_non_negative_and_limited_by_storage():
+    nf = NeuralFlux("x", ["S"], "S", None, hidden=(8,), limit_by="S", limit_scale=1.0).double()
+    with torch.no_grad():
+        for layer in nf.net:
+            if hasattr(layer, "weight"):
+                layer.weight.normal_(0, 3.0)
+    from adjointhydro import Vars
+
+    s = torch.linspace(-5, 100, 200, dtype=torch.float64)
+    out = nf(Vars(S=s))
+    assert (out >= 0).all()
+    assert (out[s <= 0] == 0).all()
+
+
+def test_hybrids_structure():
+    m50, m100 = exphydro_m50(), exphydro_m100()
+    assert {type(f).__name__ for f in m50.neural_fluxes()} == {"NeuralFlux"}
+    assert sorted(n for f in m50.neural_fluxes() for n in f.names) == ["Q", "et"]
+    assert isinstance(m100.neural_fluxes()[0], NeuralFluxGroup) and len(m100.neural_fluxes()) == 1
+    assert m100.flux_names == exphydro().flux_names
+    forcing = synthetic_forcing(1, 100)
+    with torch.no_grad():
+        sol = solve(m100, forcing)
+    assert abs(float(sol.mass_balance_error()[0])) < 1e-8
+    ude = lotka_volterra_ude()
+    assert sorted(n for f in ude.neural_fluxes() for n in f.names) == ["growth", "predation"]
+
+
+def test_per_basin_parameters():
+    m = bucket()
+    forcing = Forcing(torch.zeros(3, 5, 1, dtype=torch.float64), ("P",))
+    sol = solve(m, forcing, parameters={"k": [0.1, 0.2, 0.5]}, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(sol.store("S")[:, -1], 10 * torch.exp(-5 * torch.tensor([0.1, 0.2, 0.5], dtype=torch.float64)))
+    m.set_parameters({"k": [0.1, 0.3, 0.5]})
+    assert m.physical_parameters().shape == (3, 1)
+
+
+# ------------------------------------------------------------------------- errors
+def test_unknown_store_in_wiring():
+    with pytest.raises(ModelError, match="enters store 'sol', which the model does not have"):
+        Model([Store("soil")], [Flux("rain", None, "sol", lambda v: v.P)], forcing=["P"])
+
+
+def test_unknown_flux_name_replaced():
+    with pytest.raises(ModelError, match="no flux 'evap' to replace"):
+        exphydro().replace_flux(NeuralFlux("evap", ["soil"]))
+
+
+def test_neural_input_unknown():
+    with pytest.raises(ModelError, match="reads 'moisture'"):
+        exphydro().replace_flux(NeuralFlux("et", ["moisture"]))
+
+
+def test_duplicate_names():
+    with pytest.raises(ModelError, match="already used"):
+        Model([Store("S")], [Flux("S", None, "S", lambda v: v.P)], forcing=["P"])
+
+
+def test_parameters_outside_bounds():
+    m = bucket()
+    forcing = Forcing(torch.ones(2, 5, 1, dtype=torch.float64), ("P",))
+    with pytest.raises(ModelError, match=r"parameter 'k' = 2.0 for basin 1 is outside its bounds \[0.01, 1.0\]"):
+        solve(m, forcing, parameters={"k": [0.5, 2.0]})
+    with pytest.raises(ModelError, match="outside its bounds"):
+        m.set_parameters({"k": -1.0})
+
+
+def test_forcing_errors_name_variable_basin_and_date():
+    v = np.ones((2, 10, 2))
+    dates = np.datetime64("2001-01-01") + np.arange(10)
+    v[1, 3, 0] = np.nan
+    with pytest.raises(ForcingError, match=r"non-finite value .* 'P' for basin 'b' at 2001-01-04"):
+        Forcing(v, ("P", "PET"), dates=dates, basins=("a", "b"), source="f.csv")
+    v[1, 3, 0] = -1.0
+    with pytest.raises(ForcingError, match=r"f.csv: negative 'P' .* basin 'b' at 2001-01-04"):
+        Forcing(v, ("P", "PET"), dates=dates, basins=("a", "b"), source="f.csv")
+    with pytest.raises(ForcingError, match="shape"):
+        Forcing(np.ones(10), ("P",))
+    with pytest.raises(ForcingError, match="2 forcing variables but 1 names"):
+        Forcing(np.ones((1, 10, 2)), ("P",))
+    with pytest.raises(ForcingError, match="empty period"):
+        Forcing(np.ones((1, 0, 1)), ("P",))
+
+
+def test_missing_forcing_variable_for_model():
+    with pytest.raises(ForcingError, match=r"needs forcing \['P', 'T', 'PET'\], missing \['T'\]"):
+        solve(exphydro(), synthetic_forcing(1, 10, snow=False))
+
+
+def test_wrong_initial_state_shape():
+    with pytest.raises(ModelError, match=r"initial_state must have shape \[3, 2\]"):
+        solve(exphydro(), synthetic_forcing(3, 10), initial_state=torch.zeros(2, 2))
+
+
+def test_dtype_mismatch_is_explained():
+    m = exphydro().replace_flux(NeuralFlux("et", ["soil", "PET"]))  # float32 network
+    with pytest.raises(ModelError, match="call model.to"):
+        solve(m, synthetic_forcing(1, 10), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sensitivity", ["checkpoint", "direct"])
+def test_solver_failure_names_basin_and_date(sensitivity):
+    # a flux that blows up in basin 'c' from 2001-01-06 on
+    m = Model([Store("S", initial=1.0)],
+              [Flux("rain", None, "S", lambda v: v.P),
+               Flux("Q", "S", None, lambda v: torch.where(v.P > 50, torch.full_like(v.S, float("nan")), 0.1 * v.S))],
+              forcing=["P"])
+    p = np.ones((3, 10, 1))
+    p[2, 5, 0] = 100.0
+    forcing = Forcing(p, ("P",), dates=np.datetime64("2001-01-01") + np.arange(10), basins=("a", "b", "c"))
+    with pytest.raises(SolverError, match=r"basin 'c' at 2001-01-06"):
+        solve(m, forcing, sensitivity=sensitivity)
+
+
+def test_unknown_method_and_sensitivity():
+    f = synthetic_forcing(1, 5)
+    with pytest.raises(ValueError, match="unknown method 'rk45'"):
+        solve(exphydro(), f, method="rk45")
+    with pytest.raises(ValueError, match="unknown sensitivity"):
+        solve(exphydro(), f, sensitivity="backsolve")

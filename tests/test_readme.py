@@ -1,0 +1,22 @@
+"""The README's model API example runs as written."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs(capsys):
+    text = README.read_text()
+    section = text.split("## Model API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, str(README), "exec"), ns)
+    out = capsys.readouterr().out
+    assert "torch.Size([3, 730])" in out
+    assert float(ns["sol"].mass_balance_error().abs().max()) < 1e-8
+    assert ns["hybrid"].flux("et").net[0].weight.grad is not None
+    assert torch.isfinite(ns["hybrid"].raw.grad).all()
