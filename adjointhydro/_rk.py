@@ -234,4 +234,6 @@ def _initial_step(flux, wiring, y0, s, k0, span, order, rtol, atol):
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.maximum(h0 * 1e-3, torch.full_like(h0, 1e-6 * span)),
                      (0.01 / dmax.clamp(min=1e-30)) ** (1.0 / (order + 1)))
-    return torch.minimum(100 * h0, h1).clamp(max=span)
+    h = torch.minimum(100 * h0, h1).clamp(max=span)
+    # non-finite slopes (a failing flux): start small; rejection then reports the failure
+    return torch.where(torch.isfinite(h), h, torch.full_like(h, 1e-6 * span))

@@ -361,7 +361,10 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         for _ in range(max_newton):
             iters += 1
             yg = g.reshape(R, n)
-            y1, q1, dt_start, J, _ = _period_jacobian(prob, yg, fvals, params, b_idx, k_idx, None, wiring)
+            try:
+                y1, q1, dt_start, J, _ = _period_jacobian(prob, yg, fvals, params, b_idx, k_idx, None, wiring)
+            except _rk.StepFailure:
+                return None  # the sequential solve finds and reports the failing basin and date
             M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
             q = q1.view(c, B, m)
             dts = dt_start.view(c, B)
