@@ -105,32 +105,37 @@ class StepFailure(RuntimeError):
 
 
 def integrate_period(
-    flux: FluxFn,
+    flux: Callable[[torch.Tensor | None], FluxFn],
     wiring: torch.Tensor,
     y0: torch.Tensor,
     span: float,
-    dt0: torch.Tensor,
+    dt0: torch.Tensor | None,
     tab: Tableau,
     rtol: float,
     atol: float,
     fixed_step: float | None,
     max_steps: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Integrate every row over one period of length ``span``.
 
     Args:
-        flux: ``flux(y, s) -> [rows, m]`` rates at stores ``y`` and local time ``s`` ``[rows]``.
-        wiring: ``[m, n]`` matrix, store rates are ``flux @ wiring``.
+        flux: ``flux(idx)`` gives the rate function ``f(y, s) -> [rows, m]`` for the rows
+            ``idx`` (``None``: all rows), at stores ``y`` and local time ``s`` ``[rows]``.
+        wiring: ``[m, n]`` matrix, store rates are ``rates @ wiring``.
         y0: stores at the period start ``[rows, n]``.
-        dt0: proposed first step per row ``[rows]`` (adaptive methods).
-        fixed_step: step length for fixed-step methods (must divide ``span``; the
-            last step is shortened otherwise).
+        dt0: proposed first step per row ``[rows]`` (adaptive methods); ``None``
+            chooses it (:func:`_initial_step`).
+        fixed_step: step length for fixed-step methods (the last step of a period is
+            shortened to end on its boundary).
+
+    Rows that have finished the period drop out of the work: once fewer than half the
+    rows are still stepping, only those are evaluated (a storm day in one basin, or
+    one period among thousands solved in parallel, does not make every row step).
 
     Returns:
         ``(y1, q, dt_next, dt_start, n_iterations, n_flux_evaluations)`` where ``q``
         are the flux totals over the period ``[rows, m]``, ``dt_next`` the proposed
-        first step of the next period and ``dt_start`` the first step tried here
-        (chosen by :func:`_initial_step` when ``dt0`` is None).
+        first step of the next period and ``dt_start`` the first step tried here.
     """
     rows = y0.shape[0]
     dtype, device = y0.dtype, y0.device
@@ -141,83 +146,101 @@ def integrate_period(
     adaptive = tab.e is not None and fixed_step is None
     min_h = span * 1e-10
     coef = _coefficients(tab, dtype, device)
-    k_first = flux(y, s) if tab.fsal else None
+    f_all = flux(None)
+    k_first = f_all(y, s) if tab.fsal else None
     n_evals = 1 if tab.fsal else 0
     if adaptive:
         if dt0 is None:
             with torch.no_grad():
-                k0 = k_first if k_first is not None else flux(y, s)
-                dt0 = _initial_step(flux, wiring, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
+                k0 = k_first if k_first is not None else f_all(y, s)
+                dt0 = _initial_step(f_all, wiring, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
             n_evals += 1 if k_first is not None else 2
         h_prop = dt0.to(dtype).clamp(max=span)
     else:
         h_prop = torch.full((rows,), float(fixed_step or span), dtype=dtype, device=device)
     dt_start = h_prop
     n_iter = 0
-    fail = None
+    idx = None  # rows still stepping (None: all)
+    f_sub = f_all
+    # working copies of the active rows
+    ys, qs, ss, hs, ks0 = y, q, s, h_prop, k_first
     while True:
-        remaining = span - s
+        remaining = span - ss
         active = remaining > span * 1e-12
-        if fail is not None:
-            bad = fail & active
-            if bool(bad.any()):
-                r = int(bad.nonzero()[0])
-                reason = "non-finite state" if not bool(torch.isfinite(y[r]).all()) else "step size underflow"
-                raise StepFailure(r, float(s[r]), reason)
-        if not bool(active.any()):
+        n_active = int(active.sum())
+        if n_active == 0:
             break
         n_iter += 1
-        if not tab.fsal:
-            k_first = flux(y, s)
-            n_evals += 1
         if n_iter > max_steps:
             r = int(active.nonzero()[0])
-            raise StepFailure(r, float(s[r]), f"more than {max_steps} steps in one period")
-        last = h_prop >= remaining
-        h = torch.where(last, remaining, h_prop)
+            raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), f"more than {max_steps} steps in one period")
+        if n_active <= active.shape[0] // 2:
+            # compact: write finished rows back, keep working on the others only
+            y, q, s, h_prop, k_first = _scatter(idx, (y, q, s, h_prop, k_first), (ys, qs, ss, hs, ks0))
+            sel = active.nonzero()[:, 0]
+            idx = sel if idx is None else idx[sel]
+            f_sub = flux(idx)
+            ys, qs, ss, hs = y[idx], q[idx], s[idx], h_prop[idx]
+            ks0 = k_first[idx] if k_first is not None else None
+            remaining = span - ss
+            active = torch.ones_like(ss, dtype=torch.bool)
+        if not tab.fsal:
+            ks0 = f_sub(ys, ss)
+            n_evals += 1
+        last = hs >= remaining
+        h = torch.where(last, remaining, hs)
         h = torch.where(active, h, torch.zeros_like(h))
         hc = h[:, None]
-        ks = [k_first]
+        ks = [ks0]
         for i in range(1, len(tab.c)):
             # stage combination in flux space, one product per stage: y + h * (K a_i) W
             comb = torch.stack(ks, dim=-1) @ coef["a"][i] if i > 1 else ks[0] * tab.a[1][0]
-            ki = flux(y + (comb @ wiring) * hc, s + tab.c[i] * h)
-            ks.append(ki)
+            ks.append(f_sub(ys + (comb @ wiring) * hc, ss + tab.c[i] * h))
         n_evals += len(tab.c) - 1
         K = torch.stack(ks, dim=-1) if len(ks) > 1 else ks[0][..., None]
         dq = (K @ coef["b"]) * hc
-        y_new = y + dq @ wiring
-        q_new = q + dq
-        s_new = torch.where(last, torch.full_like(s, span), s + h)
+        y_new = ys + dq @ wiring
+        q_new = qs + dq
+        s_new = torch.where(last, torch.full_like(ss, span), ss + h)
         if adaptive:
             eq = ((K @ coef["e"]) * hc).detach()
             ey = eq @ wiring
-            yd, ynd, qd, qnd = y.detach(), y_new.detach(), q.detach(), q_new.detach()
+            yd, ynd, qd, qnd = ys.detach(), y_new.detach(), qs.detach(), q_new.detach()
             sy = atol + rtol * torch.maximum(yd.abs(), ynd.abs())
             sq = atol + rtol * torch.maximum(qd.abs(), qnd.abs())
-            ratio = torch.sqrt(
-                (torch.cat([ey / sy, eq / sq], dim=1) ** 2).mean(dim=1)
-            )
+            ratio = torch.sqrt((torch.cat([ey / sy, eq / sq], dim=1) ** 2).mean(dim=1))
             finite = torch.isfinite(ynd).all(dim=1) & torch.isfinite(qnd).all(dim=1)
             ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
             accept = active & ((ratio <= 1.0) | ((h <= min_h) & finite))
             factor = torch.clamp(0.9 * ratio.clamp(min=1e-10) ** (-1.0 / (tab.order + 1)), 0.2, 10.0)
             h_next = (h * factor).clamp(max=span)
             # a truncated last step says little about larger steps: keep the old proposal
-            keep = accept & last & (h_next < h_prop)
-            h_next = torch.where(keep, h_prop, h_next)
-            h_prop = torch.where(active, h_next, h_prop)
+            keep = accept & last & (h_next < hs)
+            h_next = torch.where(keep, hs, h_next)
+            hs = torch.where(active, h_next, hs)
             fail = active & ~accept & (h * 0.2 < min_h)
         else:
             accept = active
             fail = active & ~(torch.isfinite(y_new.detach()).all(dim=1))
+        if bool(fail.any()):
+            r = int(fail.nonzero()[0])
+            reason = "non-finite state" if not bool(torch.isfinite(y_new[r].detach()).all()) else "step size underflow"
+            raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), reason)
         acc = accept[:, None]
-        y = torch.where(acc, y_new, y)
-        q = torch.where(acc, q_new, q)
-        s = torch.where(accept, s_new, s)
+        ys = torch.where(acc, y_new, ys)
+        qs = torch.where(acc, q_new, qs)
+        ss = torch.where(accept, s_new, ss)
         if tab.fsal:
-            k_first = torch.where(acc, ks[-1], k_first)
+            ks0 = torch.where(acc, ks[-1], ks0)
+    y, q, s, h_prop, k_first = _scatter(idx, (y, q, s, h_prop, k_first), (ys, qs, ss, hs, ks0))
     return y, q, h_prop, dt_start, n_iter, n_evals
+
+
+def _scatter(idx, full, part):
+    """Write the rows ``idx`` of each ``part`` tensor into its ``full`` tensor (out of place)."""
+    if idx is None:
+        return part
+    return tuple(None if f is None else f.index_copy(0, idx, p) for f, p in zip(full, part))
 
 
 def _initial_step(flux, wiring, y0, s, k0, span, order, rtol, atol):

@@ -54,6 +54,11 @@ __all__ = [
 
 NATIVE_METHODS = tuple(_rk.TABLEAUS)
 
+# Up to this many basins, solving periods in parallel (Newton forward, Jacobian-scan
+# backward) beats period-by-period work: per-step overhead dominates small batches,
+# arithmetic dominates large ones (see docs/benchmarks.md).
+_PARALLEL_MAX_BASINS = 16
+
 
 class SolverError(RuntimeError):
     """The solver could not advance (non-finite state, step-size underflow); names basin and date."""
@@ -215,12 +220,9 @@ class _Problem:
         else:
             pr = params[b_idx]
             fk = fvals[b_idx, k_idx]
-        pdict = Vars(zip(model.parameter_names, pr.unbind(-1)))
+        span = self.span
         if self.mode == "constant" or fvals.shape[1] == 1:
-            fdict = Vars(zip(self.fnames, fk.unbind(-1)))
-
-            def flux(y, s):
-                return model.fluxes(y, fdict, pdict)
+            fp = fn = None
         else:
             T = fvals.shape[1]
             if b_idx is None:
@@ -229,17 +231,27 @@ class _Problem:
             else:
                 fp = fvals[b_idx, (k_idx - 1).clamp(min=0)]
                 fn = fvals[b_idx, (k_idx + 1).clamp(max=T - 1)]
-            span = self.span
+        fnames, pnames = self.fnames, model.parameter_names
 
-            def flux(y, s):
+        def flux_for(idx):
+            """Rate function for the rows ``idx`` (forcing and parameters gathered once)."""
+            p_, f_ = (pr, fk) if idx is None else (pr[idx], fk[idx])
+            pdict = Vars(zip(pnames, p_.unbind(-1)))
+            if fp is None:
+                fdict = Vars(zip(fnames, f_.unbind(-1)))
+                return lambda y, s: model.fluxes(y, fdict, pdict)
+            a_, c_ = (fp, fn) if idx is None else (fp[idx], fn[idx])
+
+            def rate(y, s):
                 # linear between period midpoints: kink at s = span/2
                 u = (s / span)[:, None]
-                first = u < 0.5
-                f = torch.where(first, fp + (fk - fp) * (u + 0.5), fk + (fn - fk) * (u - 0.5))
-                return model.fluxes(y, Vars(zip(self.fnames, f.unbind(-1))), pdict)
+                f = torch.where(u < 0.5, a_ + (f_ - a_) * (u + 0.5), f_ + (c_ - f_) * (u - 0.5))
+                return model.fluxes(y, Vars(zip(fnames, f.unbind(-1))), pdict)
+
+            return rate
 
         y1, q, dt, dt_start, it, ne = _rk.integrate_period(
-            flux, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step, self.max_steps
+            flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step, self.max_steps
         )
         self.n_evals += ne
         self.n_iterations += it
@@ -406,7 +418,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     parallel = sens.parallel_forward
     if parallel is None:
         # small batches are dominated by per-step overhead: solve periods in parallel
-        parallel = B * y0.shape[1] * 64 <= sens.max_rows and fvals.shape[1] > 1 and prob.tab.e is not None
+        parallel = B <= _PARALLEL_MAX_BASINS and fvals.shape[1] > 1 and prob.tab.e is not None
     out = None
     # (forward-mode AD does not run inside autograd.Function.forward, hence out here)
     with torch.no_grad():
@@ -453,6 +465,9 @@ class _CheckpointedSolve(torch.autograd.Function):
         lam = gY[:, T].clone()
         C = max(1, ctx.max_rows // max(B * (n + 1), 1))
         dev = Y.device
+        if B > _PARALLEL_MAX_BASINS:
+            return _CheckpointedSolve._backward_sequential(ctx, prob, Y, DT, params, fvals, weights, gY, gQ,
+                                                           need_p, need_f, w_need, g_params, g_f, g_w, wiring)
         for k1 in range(T, 0, -C):
             k0 = max(0, k1 - C)
             c = k1 - k0
@@ -505,6 +520,48 @@ class _CheckpointedSolve(torch.autograd.Function):
                         if g is not None:
                             g_w[i] += g
         return (None, None, None, None, None, lam, g_params, g_f, *g_w)
+
+    @staticmethod
+    def _backward_sequential(ctx, prob, Y, DT, params, fvals, weights, gY, gQ, need_p, need_f, w_need,
+                             g_params, g_f, g_w, wiring):
+        """Large batches: recompute chunks of periods from their checkpoints, backpropagate each."""
+        B, T1, n = Y.shape
+        T = T1 - 1
+        C = max(1, ctx.max_rows // max(B, 1))
+        lam = gY[:, T].clone()
+        wants = [need_p, need_f] + w_need
+        for k1 in range(T, 0, -C):
+            k0 = max(0, k1 - C)
+            with torch.enable_grad():
+                y_start = Y[:, k0].detach().requires_grad_(True)
+                p_leaf = params.detach().requires_grad_(need_p)
+                f_leaf = fvals.detach().requires_grad_(need_f)
+                y = y_start
+                outs, cots = [], []
+                for k in range(k0, k1):
+                    # same first step as the forward pass: the recomputation is identical
+                    y, q, _, _ = prob.period(y, f_leaf, p_leaf, None, k, DT[:, k], wiring)
+                    outs += [q, y]
+                    cots += [gQ[:, k], lam if k == k1 - 1 else gY[:, k + 1]]
+                inputs = [x for x, w in zip([p_leaf, f_leaf] + list(weights), wants) if w] + [y_start]
+                grads = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
+            lam = grads[-1] + gY[:, k0] if grads[-1] is not None else gY[:, k0].clone()
+            it = iter(grads[:-1])
+            if need_p:
+                g = next(it)
+                if g is not None:
+                    g_params += g
+            if need_f:
+                g = next(it)
+                if g is not None:
+                    g_f += g
+            for i, nw in enumerate(w_need):
+                if nw:
+                    g = next(it)
+                    if g is not None:
+                        g_w[i] += g
+        return (None, None, None, None, None, lam, g_params, g_f, *g_w)
+
 
 
 class _TorchdiffeqRHS(nn.Module):
