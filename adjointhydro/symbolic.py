@@ -22,15 +22,15 @@ Search
 * **Catalogue** of named hydrological forms (linear reservoir ``k*S``, power law
   ``k*S**n``, exponential ``a*exp(b*(S - S_ref))`` == ``Qmax*exp(-f*(Smax - S))``,
   ``PET*S/Smax``, ``PET*min(1, S/Smax)``, thresholds and smooth steps, products with
-  forcing, mass action ``k*S1*S2``, constants) fitted by nonlinear least squares
-  (``scipy.optimize.least_squares``, analytic Jacobian, several starts).
+  forcing such as ``c*P*S/Smax``, mass action ``k*S1*S2``, constants) fitted by
+  nonlinear least squares (``scipy.optimize.least_squares``, several starts).
 * **Sparse regression** (STLSQ) over a library of polynomials up to degree 3,
   powers, exponentials ``exp(b*(S - S_ref))`` on a grid of rates ``b`` and their
   products with forcing; rows weighted by the noise model (relative errors),
   columns standardised, a ridge term, near-duplicate columns removed, and a sweep
   of thresholds. Exponential rates of a selected support are then refined.
 * **Exhaustive** search of every support of up to 3 library terms (batched
-  normal equations), the best few refined.
+  normal equations; triples drawn from screened terms for large libraries).
 * **Log-space** fit for strictly positive fluxes: ``log y`` linear in
   ``log x`` and ``x`` gives ``A * prod x**a * exp(sum b*x)``; exponents close to
   integers or halves are snapped and the fit repeated.
@@ -38,27 +38,44 @@ Search
 Selection
 ---------
 Each candidate gets ``chi2 = sum(((y - f)/sigma_i)**2)`` with a FIXED noise model
-``sigma_i = sqrt(noise_std**2 + (rel_noise*y_i)**2)`` -- the network samples have
-no noise, so an estimated variance would let information criteria keep adding
+``sigma_i = sqrt(noise_std**2 + (rel_noise*y_i)**2)``: network samples have no
+noise, so an estimated variance would let information criteria keep adding
 terms that fit the network's own wiggles. ``noise_std`` defaults to 1% of the
-output's spread, or (in :func:`inspect_model`) to the relative size of the
-hybrid's discharge residuals. Network errors are smooth and correlated in the
-inputs, so thousands of samples are not thousands of independent observations:
-the criteria use an effective sample size ``n_eff`` (default
-:data:`DEFAULT_N_EFF`) by scaling ``chi2`` by ``n_eff / n``::
+output's spread; :func:`inspect_model` ties it to the hybrid's residuals. Network
+errors are smooth and correlated, so thousands of samples are not thousands of
+independent observations: the criteria use an effective sample size ``n_eff``
+(default :data:`DEFAULT_N_EFF`, in :func:`inspect_model` at most the number of
+observed time steps) by scaling ``chi2`` by ``n_eff / n``::
 
     AICc = chi2 * n_eff/n + 2k + 2k(k+1)/(n_eff - k - 1)
     BIC  = chi2 * n_eff/n + k log(n_eff)
 
+Candidates are ranked by BIC (or AICc). The chosen one (:func:`select`) is the
+simplest identifiable candidate that already fits within the noise
+(``chi2 <= n``, the discrepancy principle), else the best by the criterion.
+Candidates also lie on a Pareto front of complexity (expression nodes) vs RMSE.
+
 Standard errors come from the Jacobian of the weighted residuals at the optimum
-(``cov = (J^T J)^-1`` with the fixed noise, via SVD); a parameter whose
-relative standard error exceeds 1, or a pair correlated beyond 0.99, is flagged
-as not identifiable (e.g. ``Qmax`` and ``Smax`` in ``Qmax*exp(-f*(Smax - S))``).
+(``cov = (J^T J)^-1`` under the fixed noise, via SVD). A parameter whose relative
+standard error exceeds 1, or a pair that trades off exactly (|correlation| >
+1 - 1e-6), is flagged as not identifiable (e.g. ``Qmax`` and ``Smax`` in
+``Qmax*exp(-f*(Smax - S))``); correlations above 0.99 are reported as notes.
 :func:`fit_joint` fits forms of several fluxes with shared parameters (one
 ``Smax`` for ET and discharge), which can make them identifiable.
+
+Physics checks, re-simulation
+-----------------------------
+:func:`physics_checks` (non-negative on the sampled box, non-decreasing in the
+store the flux drains, ``ET <= PET``, units of the form) and
+:func:`extrapolation_table` (network vs expression outside the sampled range);
+:func:`expression_to_flux` turns an expression into a torch :class:`SymbolicFlux`,
+:func:`resimulate` re-runs the model with it (optionally refitting its constants
+through the ODE) and scores it next to the hybrid.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import io
 import itertools
@@ -78,7 +95,7 @@ import torch
 from scipy.optimize import least_squares
 from torch import nn
 
-from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars
+from .fluxes import Flux, NeuralFluxGroup, Vars
 from .forcing import Forcing
 from .model import Model, ModelError
 
@@ -99,6 +116,7 @@ __all__ = [
     "log_space_fit",
     "FluxRegressor",
     "search_flux",
+    "select",
     "pareto_front",
     "physics_checks",
     "extrapolation_table",
@@ -124,6 +142,57 @@ _PET_NAMES = {"pet", "e0", "ep", "pe", "etp", "pot_et"}
 _REL_SE_LIMIT = 1.0   # relative standard error above which a parameter is not identifiable
 _CORR_DEGENERATE = 1 - 1e-6  # |correlation| of a numerically degenerate pair (exact trade-off)
 _CORR_NOTE = 0.99  # |correlation| reported as a note (strong trade-off, both still determined)
+
+
+# =============================================================================== BLAS threads
+_BLAS_NAMES = [("openblas_get_num_threads", "openblas_set_num_threads"),
+               ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+               ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+               ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_")]
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_controls() -> tuple[tuple[Callable, Callable], ...]:
+    """(get, set) thread-count functions of every OpenBLAS loaded in this process (Linux; else none)."""
+    found = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            paths = {ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ".so" in ln}
+    except OSError:
+        return ()
+    for path in sorted(paths):
+        if "openblas" not in os.path.basename(path).lower():
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for g, st in _BLAS_NAMES:
+            if hasattr(lib, g) and hasattr(lib, st):
+                found.append((getattr(lib, g), getattr(lib, st)))
+                break
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """Run with one BLAS thread: the matrices here are small, and threaded OpenBLAS on a
+    busy machine can be hundreds of times slower (threads spinning for cores)."""
+    saved = []
+    for get, set_ in _openblas_controls():
+        try:
+            saved.append((set_, int(get())))
+            set_(1)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    try:
+        yield
+    finally:
+        for set_, n in saved:
+            try:
+                set_(n)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 # =============================================================================== symbols, units
@@ -177,7 +246,8 @@ _FREE = sp.Symbol("__free_units__", positive=True)  # wildcard: a fitted number 
 
 
 def _same_units(a: sp.Expr, b: sp.Expr) -> bool:
-    return sp.simplify(sp.powsimp(a / b, force=True)) == 1
+    r = sp.powsimp(a / b, force=True)  # products of powers of positive unit symbols
+    return r == 1 or (r.is_number and abs(float(r) - 1.0) < 1e-12)
 
 
 def _dim(expr: sp.Expr, units: Mapping[sp.Symbol, sp.Expr | None]) -> sp.Expr | None:
@@ -354,8 +424,12 @@ def _round_expr(expr: sp.Expr, digits: int = 4) -> sp.Expr:
 
 
 def _complexity(expr: sp.Expr) -> int:
-    """Number of nodes of the expression tree (symbols, numbers and operations)."""
-    return sum(1 for _ in sp.preorder_traversal(expr))
+    """Number of nodes of the expression tree (symbols, numbers, operations); ``1/x`` counts as ``x``."""
+    if isinstance(expr, sp.Pow) and expr.args[1] == -1:
+        return _complexity(expr.args[0])
+    if not expr.args:
+        return 1
+    return 1 + sum(_complexity(a) for a in expr.args)
 
 
 def _nice(x: float) -> float:
@@ -464,7 +538,8 @@ class FluxSamples:
             "n_grid": int((~self.visited).sum()),
             "inputs": {k: {"kind": self.kinds[k], "units": self.units[k], "min": b[k][0], "max": b[k][1]}
                        for k in self.inputs},
-            "output": {"units": self.output_units, "min": float(self.output[self.visited].min()) if self.n_visited else None,
+            "output": {"units": self.output_units,
+                       "min": float(self.output[self.visited].min()) if self.n_visited else None,
                        "max": float(self.output[self.visited].max()) if self.n_visited else None},
         }
 
@@ -581,7 +656,8 @@ def sample_flux(
     def evaluate(inputs: Mapping[str, Any]) -> np.ndarray:
         arrs = {n: np.asarray(inputs[n], dtype=np.float64) for n in in_names}
         shape = np.broadcast_shapes(*(a.shape for a in arrs.values()))
-        v = Vars({n: torch.as_tensor(np.broadcast_to(a, shape).reshape(-1).copy(), dtype=dtype) for n, a in arrs.items()})
+        v = Vars({n: torch.as_tensor(np.broadcast_to(a, shape).reshape(-1).copy(), dtype=dtype)
+                  for n, a in arrs.items()})
         with torch.no_grad():
             r = mod.forward(v)
         if col is not None:
@@ -683,6 +759,7 @@ class Candidate:
     fixed: dict[str, float] = field(default_factory=dict)
     dimension_ok: bool | None = None
     dimension: str = ""
+    priority: int = 1000
     _fn: Callable | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -773,6 +850,7 @@ class _FitData:
     units: dict[str, str] = field(default_factory=dict)
     output_units: str = ""
     flux: str = "flux"
+    noise_std: float = 0.0
 
 
 def _fit_data(samples: FluxSamples, noise_std: float | None, rel_noise: float, n_eff: float | None,
@@ -795,7 +873,7 @@ def _fit_data(samples: FluxSamples, noise_std: float | None, rel_noise: float, n
     sigma = np.maximum(sigma, 1e-300)
     n = y.size
     ne = float(min(n, DEFAULT_N_EFF if n_eff is None else n_eff))
-    return _FitData(X, y, sigma, ne, dict(samples.units), samples.output_units, samples.flux)
+    return _FitData(X, y, sigma, ne, dict(samples.units), samples.output_units, samples.flux, float(noise_std))
 
 
 def _covariance(J: np.ndarray) -> np.ndarray:
@@ -873,30 +951,79 @@ def _finish_candidate(
     )
 
 
-_COMPILED: dict[tuple, tuple[Callable, list[Callable], list[sp.Symbol]]] = {}
+_COMPILED: dict[tuple, tuple[Callable, list[sp.Symbol]]] = {}
 
 
-def _compiled_template(template: sp.Expr, pnames: Sequence[str]) -> tuple[Callable, list[Callable], list[sp.Symbol]]:
+def _compiled_template(template: sp.Expr, pnames: Sequence[str]) -> tuple[Callable, list[sp.Symbol]]:
+    """numpy function of (inputs..., parameters...) and the input symbols, cached by structure."""
     key = (sp.srepr(template), tuple(pnames))
     hit = _COMPILED.get(key)
     if hit is None:
         psyms = [_sym(p) for p in pnames]
         ins = sorted((s for s in template.free_symbols if s not in psyms), key=str)
-        f = _compile(template, ins + psyms)
-        jac = [_compile(sp.diff(template, p), ins + psyms) for p in psyms]
-        hit = (f, jac, ins)
+        hit = (_compile(template, ins + psyms), ins)
         if len(_COMPILED) > 2000:
             _COMPILED.clear()
         _COMPILED[key] = hit
     return hit
 
 
+def _central_jacobian(fun: Callable[[np.ndarray], np.ndarray], p: np.ndarray) -> np.ndarray:
+    """Jacobian of ``fun`` at ``p`` by central differences (error ~1e-10 relative).
+
+    Accurate enough to expose exact trade-offs between parameters (singular
+    values ~1e-10 of the largest), without symbolic differentiation.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    cols = []
+    for i in range(p.size):
+        h = 6e-6 * max(abs(p[i]), 1e-6)
+        up, dn = p.copy(), p.copy()
+        up[i] += h
+        dn[i] -= h
+        cols.append((fun(up) - fun(dn)) / (up[i] - dn[i]))
+    return np.stack(cols, 1) if cols else np.zeros((fun(p).size, 0))
+
+
 def _predict_template(template, pnames, values, X, fixed=None) -> np.ndarray:
     t = template.xreplace({_sym(k): sp.Float(v) for k, v in (fixed or {}).items()}) if fixed else template
-    f, _, ins = _compiled_template(t, pnames)
+    f, ins = _compiled_template(t, pnames)
     with np.errstate(all="ignore"):
         out = f(*[X[str(s)] for s in ins], *values)
     return np.broadcast_to(np.asarray(out, dtype=np.float64), next(iter(X.values())).shape).copy()
+
+
+def _forward_jacobian(resid: Callable[[np.ndarray], np.ndarray]) -> tuple[Callable, Callable]:
+    """``resid`` that remembers its last value, and a cheap forward-difference Jacobian using it."""
+    last: dict[str, Any] = {}
+
+    def fun(p):
+        r = resid(p)
+        last["p"], last["r"] = np.array(p, dtype=np.float64), r
+        return r
+
+    def jac(p):
+        p = np.asarray(p, dtype=np.float64)
+        r0 = last["r"] if "p" in last and np.array_equal(last["p"], p) else resid(p)
+        cols = []
+        for i in range(p.size):
+            h = 1.5e-8 * max(abs(p[i]), 1e-6)
+            q = p.copy()
+            q[i] += h
+            cols.append((resid(q) - r0) / (q[i] - p[i]))
+        return np.stack(cols, 1)
+
+    return fun, jac
+
+
+def _least_squares(resid, p0, lo, hi, bounded: bool, max_iter: int):
+    fun, jac = _forward_jacobian(resid)
+    if bounded:
+        return least_squares(fun, p0, jac=jac, bounds=(lo, hi), x_scale="jac", method="trf",
+                             max_nfev=max_iter, xtol=1e-10, ftol=1e-10, gtol=1e-10)
+    # MINPACK Levenberg-Marquardt: little overhead per iteration
+    return least_squares(fun, p0, jac=jac, x_scale="jac", method="lm", max_nfev=max_iter,
+                         xtol=1e-10, ftol=1e-10, gtol=1e-10)
 
 
 def _fit_template(
@@ -909,7 +1036,7 @@ def _fit_template(
     fixed = dict(fixed or {})
     t = template.xreplace({_sym(k): sp.Float(v) for k, v in fixed.items()}) if fixed else template
     k = len(pnames)
-    f, jac, ins = _compiled_template(t, pnames)
+    f, ins = _compiled_template(t, pnames)
     xs = [data.X[str(s)] for s in ins]
     y, w = data.y, 1.0 / data.sigma
     n = y.size
@@ -924,9 +1051,8 @@ def _fit_template(
 
     def jacobian(p):
         with np.errstate(all="ignore"):
-            cols = [np.broadcast_to(np.asarray(g(*xs, *p), dtype=np.float64), y.shape) * w for g in jac]
-        J = np.stack(cols, 1)
-        return np.where(np.isfinite(J), J, 0.0)
+            J = _central_jacobian(resid, p)
+        return np.where(np.isfinite(J) & (np.abs(J) < 1e12), J, 0.0)
 
     lo = np.full(k, -np.inf) if lower is None else np.asarray(lower, dtype=np.float64)
     hi = np.full(k, np.inf) if upper is None else np.asarray(upper, dtype=np.float64)
@@ -942,12 +1068,8 @@ def _fit_template(
         if not np.all(np.abs(r0) < 1e10):
             continue
         try:
-            if bounded:
-                sol = least_squares(resid, p0, jac=jacobian, bounds=(lo, hi), x_scale="jac", method="trf",
-                                    max_nfev=max_nfev or 50 * (k + 1), xtol=1e-10, ftol=1e-10, gtol=1e-10)
-            else:  # MINPACK Levenberg-Marquardt: much less overhead per iteration
-                sol = least_squares(resid, p0, jac=jacobian, x_scale="jac", method="lm",
-                                    max_nfev=max_nfev or 50 * (k + 1), xtol=1e-10, ftol=1e-10, gtol=1e-10)
+            with np.errstate(all="ignore"):  # overflow in trial steps is handled by the solver
+                sol = _least_squares(resid, p0, lo, hi, bounded, max_nfev or 40)
         except (ValueError, np.linalg.LinAlgError, FloatingPointError):
             continue
         if np.all(np.isfinite(sol.x)) and (best is None or sol.cost < best.cost):
@@ -987,7 +1109,8 @@ def _is_pet(name: str) -> bool:
 
 def _is_et(name: str) -> bool:
     n = name.lower()
-    return n in {"et", "aet", "ea", "e", "evap", "evaporation", "evapotranspiration", "transpiration"} or n.startswith("et")
+    names = {"et", "aet", "ea", "e", "evap", "evaporation", "evapotranspiration", "transpiration"}
+    return n in names or n.startswith("et")
 
 
 def _u(units: Mapping[str, str], name: str) -> sp.Expr | None:
@@ -1069,7 +1192,8 @@ def catalogue(samples: FluxSamples, data: _FitData | None = None) -> list[Form]:
                           param_units={a_: out_u, r_: _div(sp.Integer(1), su), S0: su}))
         if pos:
             st = [[ymax * 2, q * (lo + hi)] for q in (0.25, 1.0, 4.0)]
-            forms.append(Form("saturating", _sym(a_) * S / (S + _sym(K_)), (a_, K_), st, [-np.inf, 1e-9], [np.inf, np.inf],
+            forms.append(Form("saturating", _sym(a_) * S / (S + _sym(K_)), (a_, K_), st,
+                              [-np.inf, 1e-9], [np.inf, np.inf],
                               param_units={a_: out_u, K_: su}))
     for d in drivers:
         Fs = _sym(d)
@@ -1092,7 +1216,8 @@ def catalogue(samples: FluxSamples, data: _FitData | None = None) -> list[Form]:
             forms.append(Form(f"{d}*{s}/Smax", Fs * S / _sym(Smax), (Smax,), st, param_units={Smax: su}))
             forms.append(Form(f"{d}*min(1, {s}/Smax)", Fs * sp.Min(1, S / _sym(Smax)), (Smax,),
                               [[ratio], [hi], [0.5 * (lo + hi)]], [lo * 0 + 1e-9], [np.inf], param_units={Smax: su}))
-            forms.append(Form(f"c*{d}*{s}/Smax", _sym(c_) * Fs * S / _sym(Smax), (c_, Smax), [[1.0, ratio], [0.5, ratio / 2]],
+            forms.append(Form(f"c*{d}*{s}/Smax", _sym(c_) * Fs * S / _sym(Smax), (c_, Smax),
+                              [[1.0, ratio], [0.5, ratio / 2]],
                               param_units={c_: _div(out_u, fu), Smax: su}))
             forms.append(Form(f"k*{d}*{s}", _sym(k_) * Fs * S, (k_,), [[1.0 / ratio]],
                               param_units={k_: _div(out_u, None if fu is None or su is None else fu * su)}))
@@ -1136,9 +1261,10 @@ def fit_catalogue(samples: FluxSamples, *, noise_std: float | None = None, rel_n
     """Fit every catalogue form (or ``forms``); candidates sorted by BIC."""
     data = data or _fit_data(samples, noise_std, rel_noise, n_eff, max_points, "visited", seed)
     out = []
-    for fm in (forms if forms is not None else catalogue(samples, data)):
+    for i, fm in enumerate(forms if forms is not None else catalogue(samples, data)):
         c = fit_form(fm, data)
         if c is not None:
+            c.priority = i  # ties between equal fits go to the form listed first
             out.append(c)
     return sorted(out, key=lambda c: c.bic)
 
@@ -1191,6 +1317,11 @@ def fit_joint(
     Example: ET ``PET*soil/Smax`` and Q ``Qmax*exp(-f*(Smax - soil))`` share ``Smax``;
     alone, Q's ``Qmax`` and ``Smax`` are not identifiable, together they are.
     """
+    with _single_threaded_blas():
+        return _fit_joint(samples, forms, shared, noise_std, rel_noise, n_eff, max_points, seed)
+
+
+def _fit_joint(samples, forms, shared, noise_std, rel_noise, n_eff, max_points, seed) -> JointFit:
     names = list(forms)
     data: dict[str, _FitData] = {}
     for n in names:
@@ -1233,7 +1364,7 @@ def fit_joint(
     def resid(theta):
         out = []
         for n in names:
-            f, _, ins = comp[n]
+            f, ins = comp[n]
             d = data[n]
             with np.errstate(all="ignore"):
                 r = (np.broadcast_to(f(*[d.X[str(s)] for s in ins], *theta[gidx[n]]), d.y.shape) - d.y) / d.sigma
@@ -1241,20 +1372,13 @@ def fit_joint(
         return np.concatenate(out)
 
     def jacobian(theta):
-        blocks = []
-        for n in names:
-            _, jac, ins = comp[n]
-            d = data[n]
-            J = np.zeros((d.y.size, len(gnames)))
-            xs = [d.X[str(s)] for s in ins]
-            for j, g in zip(gidx[n], jac):
-                with np.errstate(all="ignore"):
-                    J[:, j] += np.broadcast_to(np.asarray(g(*xs, *theta[gidx[n]]), dtype=np.float64), d.y.shape) / d.sigma
-            blocks.append(np.where(np.isfinite(J), J, 0.0))
-        return np.concatenate(blocks, 0)
+        with np.errstate(all="ignore"):
+            J = _central_jacobian(resid, theta)
+        return np.where(np.isfinite(J) & (np.abs(J) < 1e12), J, 0.0)
 
-    sol = least_squares(resid, np.asarray(start), jac=jacobian, x_scale="jac", method="trf",
-                        max_nfev=200 * (len(gnames) + 1), xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    with np.errstate(all="ignore"):
+        sol = least_squares(resid, np.asarray(start), jac="2-point", x_scale="jac", method="trf",
+                            max_nfev=200 * (len(gnames) + 1), xtol=1e-12, ftol=1e-12, gtol=1e-12)
     theta = sol.x
     J = jacobian(theta)
     cov = _covariance(J)
@@ -1269,8 +1393,10 @@ def fit_joint(
     for n in names:
         pn = [p for p, _ in local[n]]
         vals = theta[gidx[n]]
-        c = _finish_candidate(spec[n][0], pn, vals, J[:, gidx[n]][sum(data[m].y.size for m in names[:names.index(n)]):][: data[n].y.size],
-                              data[n], method="joint", form=f"joint: {forms[n].form if isinstance(forms[n], Candidate) else forms[n].name}",
+        row0 = sum(data[m].y.size for m in names[: names.index(n)])
+        rows = J[row0: row0 + data[n].y.size][:, gidx[n]]
+        label = forms[n].form if isinstance(forms[n], Candidate) else forms[n].name
+        c = _finish_candidate(spec[n][0], pn, vals, rows, data[n], method="joint", form=f"joint: {label}",
                               param_units=spec[n][3])
         if c is None:
             continue
@@ -1508,10 +1634,16 @@ def sparse_regression(
 
 def exhaustive_search(
     samples: FluxSamples | None = None, *, data: _FitData | None = None, terms: Sequence[Term] | None = None,
-    max_size: int = 3, keep: int = 4, noise_std: float | None = None, rel_noise: float = 0.01,
-    n_eff: float | None = None, max_points: int = 2000, seed: int = 0, library_kw: Mapping[str, Any] | None = None,
+    max_size: int = 3, keep: int = 4, max_combinations: int = 60000, noise_std: float | None = None,
+    rel_noise: float = 0.01, n_eff: float | None = None, max_points: int = 2000, seed: int = 0,
+    library_kw: Mapping[str, Any] | None = None,
 ) -> list[Candidate]:
-    """Least squares on every support of 1..``max_size`` library terms; the ``keep`` best of each size refined."""
+    """Least squares on every support of 1..``max_size`` library terms; the ``keep`` best of each size refined.
+
+    Supports of one and two terms are always searched exhaustively. When the
+    larger supports would exceed ``max_combinations``, they are drawn from the
+    terms that appear in the best 1- and 2-term supports (a screening step).
+    """
     if data is None:
         data = _fit_data(samples, noise_std, rel_noise, n_eff, max_points, "visited", seed)
     if terms is None:
@@ -1520,8 +1652,13 @@ def exhaustive_search(
     p = A.shape[1]
     G, g, bb = A.T @ A, A.T @ b, float(b @ b)
     out = []
+    pool = screened = np.arange(p)
     for size in range(1, min(max_size, p) + 1):
-        combos = np.array(list(itertools.combinations(range(p), size)), dtype=np.int64)
+        if size > 2 and math.comb(pool.size, size) > max_combinations:
+            pool = screened
+            while pool.size > size and math.comb(pool.size, size) > max_combinations:
+                pool = pool[:-1]
+        combos = np.array(list(itertools.combinations(pool, size)), dtype=np.int64)
         if combos.size == 0:
             continue
         best_rss: list[np.ndarray] = []
@@ -1545,7 +1682,11 @@ def exhaustive_search(
             continue
         rss = np.concatenate(best_rss)
         idx = np.concatenate(best_idx)
-        for r in np.argsort(rss)[:keep]:
+        order = np.argsort(rss)
+        if size <= 2:  # screening for larger supports: terms of the best small supports, best first
+            seen = list(dict.fromkeys(int(j) for r in order[: 10 * p] for j in idx[r]))
+            screened = np.array(seen if size == 1 else list(dict.fromkeys(list(screened) + seen)), dtype=np.int64)
+        for r in order[:keep]:
             s = list(idx[r])
             xi, *_ = np.linalg.lstsq(A[:, s], b, rcond=None)
             c = _support_candidate([kept[i] for i in s], data, xi / norms[s], "exhaustive")
@@ -1607,9 +1748,7 @@ def log_space_fit(
                     r = round(val * 2) / 2
                     if snapped and abs(val - r) < snap:
                         expr = expr * _sym(n) ** sp.nsimplify(r)
-                        fixed_any = True
-                        if r != val:
-                            starts[0] *= float(np.exp(0))  # amplitude refitted anyway
+                        fixed_any = True  # the amplitude absorbs the change when refitted
                         continue
                     a = _free_name(f"a{j}", taken)
                     expr = expr * _sym(n) ** _sym(a)
@@ -1657,6 +1796,7 @@ class FluxRegressor:
         n_eff: effective number of independent samples for the criteria (default
             :data:`DEFAULT_N_EFF`).
         criterion: ``"bic"`` (default) or ``"aicc"`` ranks the candidates.
+        selection: ``"parsimonious"`` (default) or ``"ic"``, see :func:`select`.
         methods: any of ``"catalogue"``, ``"sparse"``, ``"exhaustive"``, ``"log"``.
         degree, rates, powers: the sparse library (see :func:`build_library`).
         max_terms: largest support of the exhaustive search.
@@ -1670,6 +1810,7 @@ class FluxRegressor:
         rel_noise: float = 0.01,
         n_eff: float | None = None,
         criterion: str = "bic",
+        selection: str = "parsimonious",
         methods: Sequence[str] = ("catalogue", "sparse", "exhaustive", "log"),
         degree: int = 3,
         rates: Sequence[float] = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0, 8.0),
@@ -1690,6 +1831,7 @@ class FluxRegressor:
         self.rel_noise = rel_noise
         self.n_eff = n_eff
         self.criterion = criterion
+        self.selection = selection
         self.methods = tuple(methods)
         self.library_kw = {"degree": degree, "rates": tuple(rates), "powers": tuple(powers)}
         self.max_terms = max_terms
@@ -1706,10 +1848,14 @@ class FluxRegressor:
         """Fit to :class:`FluxSamples`, or to ``(inputs dict, y)`` (keywords as :meth:`FluxSamples.from_arrays`)."""
         if not isinstance(samples, FluxSamples):
             samples = FluxSamples.from_arrays(samples, y, **kw)
+        with _single_threaded_blas():
+            return self._fit(samples)
+
+    def _fit(self, samples: FluxSamples) -> "FluxRegressor":
         self.samples_ = samples
         data = _fit_data(samples, self.noise_std, self.rel_noise, self.n_eff, self.max_points, self.fit_on, self.seed)
         self.data_ = data
-        self.noise_std_ = float(np.sqrt(max(float(np.min(data.sigma)) ** 2, 0.0))) if data.sigma.size else 0.0
+        self.noise_std_ = data.noise_std
         found: list[Candidate] = []
         terms = None
         if {"sparse", "exhaustive"} & set(self.methods):
@@ -1738,14 +1884,13 @@ class FluxRegressor:
             raise RuntimeError(f"no candidate could be fitted to flux {samples.flux!r}")
         return self
 
-    def _score(self, c: Candidate) -> tuple[float, int]:
-        return (c.bic if self.criterion == "bic" else c.aicc, c.complexity)
+    def _score(self, c: Candidate) -> tuple[float, int, int]:
+        return (round(c.bic if self.criterion == "bic" else c.aicc, 6), c.complexity, c.priority)
 
     @property
     def best_(self) -> Candidate:
-        """The best candidate by the criterion among the identifiable ones (else the best overall)."""
-        ok = [c for c in self.candidates_ if c.identifiable]
-        return (ok or self.candidates_)[0]
+        """The chosen candidate (see :func:`select`)."""
+        return select(self.candidates_, self.criterion, self.selection)
 
     @property
     def pareto_(self) -> list[Candidate]:
@@ -1780,6 +1925,35 @@ class FluxRegressor:
             flag = "" if c.identifiable else "  [" + "; ".join(c.flags) + "]"
             print(f"  {i}. {c}   (R2={c.r2:.6f}, RMSE={c.rmse:.3g}, k={c.n_params}, "
                   f"{self.criterion.upper()}={self._score(c)[0]:.4g}, {c.method}){flag}")
+
+
+def select(candidates: Sequence[Candidate], criterion: str = "bic", rule: str = "parsimonious") -> Candidate:
+    """Choose one candidate.
+
+    Only identifiable candidates are considered (all, if none is). ``rule="ic"``:
+    the lowest criterion. ``rule="parsimonious"`` (default): the simplest candidate
+    (fewest expression nodes, then lowest criterion) that already fits the samples
+    within the fixed noise (``chi2 / n <= 1``, the discrepancy principle: terms
+    that only fit the network's errors below the noise level are not wanted);
+    if no candidate does, the lowest criterion.
+    """
+    if not candidates:
+        raise ValueError("no candidates")
+    pool = [c for c in candidates if c.identifiable] or list(candidates)
+
+    def key(c: Candidate) -> tuple:
+        ic = c.bic if criterion == "bic" else c.aicc
+        # equal fits: the simpler, then named catalogue forms in catalogue order
+        return (round(ic, 6), c.complexity, c.priority)
+
+    if rule == "parsimonious":
+        within = [c for c in pool if c.chi2 <= c.n]
+        if within:
+            return min(within, key=lambda c: (c.complexity, round(c.bic if criterion == "bic" else c.aicc, 6),
+                                              c.priority))
+    elif rule != "ic":
+        raise ValueError(f"rule must be 'parsimonious' or 'ic', got {rule!r}")
+    return min(pool, key=key)
 
 
 def search_flux(samples: FluxSamples, **kw) -> list[Candidate]:
@@ -1855,6 +2029,8 @@ def extrapolation_table(samples: FluxSamples, candidate: Candidate, store: str |
         x = lo + f * (hi - lo)
         if samples.kinds.get(store) == "store" and lo >= 0:
             x = max(x, 0.0)
+        if rows and abs(rows[-1]["value"] - x) <= 1e-12 * (abs(x) + 1):
+            continue
         pt = {k: np.array([v]) for k, v in med.items()}
         pt[store] = np.array([x])
         net = float(samples.evaluate(pt)[0])
@@ -2073,6 +2249,10 @@ class ResimulationResult:
                 "recalibrated_expressions": self.recalibrated_expressions, "error": self.error}
 
 
+def _as_numpy(x: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+
+
 def _fmt(x: Any, spec: str = ".4f") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "nan"
@@ -2152,9 +2332,9 @@ def resimulate(
     if initial_state is None and hybrid_solution is not None and hybrid_solution.stores.shape[1] == forcing.n_steps + 1:
         kw["initial_state"] = hybrid_solution.stores[:, 0].detach()  # start where the hybrid started
     sym = symbolic_model(model, replacements)
-    exprs = {n: str(_round_expr(sym.flux(n).expression, 6)) for n in replacements if isinstance(sym.flux(n), SymbolicFlux)}
-    obs = None if observed is None else np.asarray(
-        observed.detach().cpu().numpy() if isinstance(observed, torch.Tensor) else observed, dtype=np.float64)
+    exprs = {n: str(_round_expr(sym.flux(n).expression, 6)) for n in replacements
+             if isinstance(sym.flux(n), SymbolicFlux)}
+    obs = None if observed is None else _as_numpy(observed)
     if obs is not None and obs.ndim == 1:
         obs = obs[None]
     T = forcing.n_steps
@@ -2208,7 +2388,8 @@ def resimulate(
                     sol2 = solve(trainable, forcing, **kw)
                 result.metrics += _metric_rows(sol2, obs, periods, "recalibrated")
                 result.recalibrated_expressions = {
-                    m.name: str(_round_expr(m.expression, 6)) for m in trainable.flux_modules if isinstance(m, SymbolicFlux)}
+                    m.name: str(_round_expr(m.expression, 6)) for m in trainable.flux_modules
+                    if isinstance(m, SymbolicFlux)}
                 result.symbolic_model = trainable
             except Exception as e:  # noqa: BLE001
                 result.error = f"recalibration failed: {type(e).__name__}: {e}"
@@ -2288,7 +2469,8 @@ class InspectionReport:
                 for k, (lo, hi) in fi.samples.bounds().items()))
             L.append(f"Samples: {fi.samples.n_visited} visited, {int((~fi.samples.visited).sum())} on the grid; "
                      f"noise std {fi.noise_std:.3g} {fi.samples.output_units}; search {fi.seconds:.2f} s.")
-            L += ["", f"**Chosen:** `{name} = {c.text()}`  ({c.form}, {c.method})", "", f"$$ {c.latex} $$", ""]
+            L += ["", f"**Chosen:** `{name} = {c.text()}`  ({c.form}, {c.method})", "",
+                  f"Form: `{c.template}`", "", f"$$ {c.latex} $$", ""]
             L += ["| parameter | value | std. error | rel. SE | units |", "|---|---:|---:|---:|---|"]
             for r in c.parameter_table():
                 fixed = " (fixed)" if r.get("fixed") else ""
@@ -2304,12 +2486,14 @@ class InspectionReport:
                 L.append(f"| {i} | `{cc.text()}` | {cc.form} | {cc.method} | {cc.n_params} | {cc.complexity} | "
                          f"{cc.r2:.6f} | {cc.rmse:.4g} | {cc.aicc:.5g} | {cc.bic:.5g} | "
                          f"{'yes' if cc.identifiable else 'no: ' + '; '.join(cc.flags)} |")
-            L += ["", "### Pareto front (complexity vs RMSE)", "", "| complexity | RMSE | expression |", "|---:|---:|---|"]
+            L += ["", "### Pareto front (complexity vs RMSE)", "", "| complexity | RMSE | expression |",
+                  "|---:|---:|---|"]
             for cc in fi.pareto:
                 L.append(f"| {cc.complexity} | {cc.rmse:.4g} | `{cc.text()}` |")
             L += ["", "### Physics checks", "", "| check | network | chosen |", "|---|---|---|"]
             for key in sorted(set(fi.checks_network) | set(fi.checks_chosen)):
-                L.append(f"| {key} | {_check_text(fi.checks_network.get(key))} | {_check_text(fi.checks_chosen.get(key))} |")
+                net, cho = _check_text(fi.checks_network.get(key)), _check_text(fi.checks_chosen.get(key))
+                L.append(f"| {key} | {net} | {cho} |")
             if fi.extrapolation:
                 L += ["", "### Extrapolation", "", "| input | value | inside | network | expression | difference |",
                       "|---|---:|---|---:|---:|---:|"]
@@ -2323,7 +2507,8 @@ class InspectionReport:
                 L.append(f"Shared: {', '.join(j.shared)}; joint BIC {j.bic:.5g} (separate {j.separate_bic:.5g}); "
                          f"{'identifiable' if not j.flags else 'flags: ' + '; '.join(j.flags)}")
                 for n, c in j.candidates.items():
-                    ps = ", ".join(f"{r['name']} = {r['value']:.5g} ± {r['std_error']:.2g}" for r in c.parameter_table())
+                    ps = ", ".join(f"{r['name']} = {r['value']:.5g} ± {r['std_error']:.2g}"
+                                   for r in c.parameter_table())
                     L.append(f"- `{n} = {c.text()}` ({ps})")
                 L.append("")
         if self.resimulation is not None:
@@ -2498,7 +2683,7 @@ def _residual_noise(model: Model, solution: Any, observed: Any, step: float) -> 
     """
     if observed is None or solution is None:
         return None
-    obs = np.asarray(observed.detach().cpu().numpy() if isinstance(observed, torch.Tensor) else observed, dtype=np.float64)
+    obs = _as_numpy(observed)
     if obs.ndim == 1:
         obs = obs[None]
     absolute: dict[str, float] = {}
@@ -2568,6 +2753,7 @@ def inspect_model(
     plots: bool = True,
     seed: int = 0,
     regressor_kw: Mapping[str, Any] | None = None,
+    solve_kwargs: Mapping[str, Any] | None = None,
 ) -> InspectionReport:
     """Inspect every learned flux of ``model``: candidates, checks, joint fits, re-simulation.
 
@@ -2585,14 +2771,33 @@ def inspect_model(
             store ``sqrt(2)*std(obs - sim)/step``, any other flux the relative
             residual level ``std(obs - sim)/std(obs)`` times its spread; never less
             than ``noise_floor`` (1%) of the flux's spread, the default without observations.
-        criterion, n_eff, rel_noise, max_points: see :class:`FluxRegressor`.
+        criterion, rel_noise, max_points: see :class:`FluxRegressor`.
+        n_eff: effective sample size of the criteria; default :data:`DEFAULT_N_EFF`, but
+            never more than the number of observed time steps (the network cannot
+            hold more independent information than the data it was trained on).
         joint: fit catalogue forms of different fluxes that share parameter names together.
         initial_state: initial stores of the re-simulation (default: the solution's first stores).
         resimulate_forcing, resimulate_observed: re-simulate over another (e.g. longer)
             record; ``periods`` then refer to it.
         resimulate_model, recalibrate: run :func:`resimulate` with the chosen expressions.
     """
+    with _single_threaded_blas():
+        return _inspect_model(
+            model, forcing, solution, observed, parameters, periods, out_dir, noise_std, noise_floor, fluxes,
+            criterion, n_eff, rel_noise, max_points, grid_points, substeps, initial_state, resimulate_forcing,
+            resimulate_observed, joint, resimulate_model, recalibrate, plots, seed, regressor_kw, solve_kwargs)
+
+
+def _inspect_model(model, forcing, solution, observed, parameters, periods, out_dir, noise_std, noise_floor, fluxes,
+                   criterion, n_eff, rel_noise, max_points, grid_points, substeps, initial_state, resimulate_forcing,
+                   resimulate_observed, joint, resimulate_model, recalibrate, plots, seed, regressor_kw,
+                   solve_kwargs) -> InspectionReport:
     t_all = time.perf_counter()
+    rf = resimulate_forcing or forcing
+    for pname, mask in (periods or {}).items():
+        if np.asarray(mask).shape not in ((rf.n_steps,), (rf.n_steps + 1,)):
+            raise ValueError(f"period {pname!r}: mask has shape {np.asarray(mask).shape}, the re-simulated record "
+                             f"has {rf.n_steps} periods")
     names = list(fluxes) if fluxes is not None else [n for f in model.neural_fluxes() for n in f.names]
     if not names:
         raise ValueError(f"{model.name}: no neural fluxes to inspect (pass fluxes=[...] to inspect others)")
@@ -2603,6 +2808,13 @@ def inspect_model(
         source = noise.source + f"; floor {noise_floor:g} x spread"
     else:
         source = f"default ({noise_floor:g} x each flux's spread)"
+    if n_eff is None:
+        n_eff = DEFAULT_N_EFF
+        if observed is not None:
+            o = _as_numpy(observed)
+            o = o[None] if o.ndim == 1 else o
+            n_time = int(np.isfinite(o).reshape(o.shape[0], o.shape[1], -1).any(-1).any(0).sum())
+            n_eff = float(max(min(n_eff, n_time), 10))
     out: dict[str, FluxInspection] = {}
     fit_data: dict[str, _FitData] = {}
     for name in names:
@@ -2644,8 +2856,8 @@ def inspect_model(
             solution.stores[:, 0].detach() if solution is not None else None)
         resim = resimulate(model, {n: fi.chosen for n, fi in out.items()}, rf, observed=robs,
                            periods=periods, parameters=parameters, hybrid_solution=solution if same else None,
-                           initial_state=init, recalibrate=recalibrate)
-    settings = {"criterion": criterion, "n_eff": n_eff if n_eff is not None else DEFAULT_N_EFF,
+                           initial_state=init, recalibrate=recalibrate, solve_kwargs=solve_kwargs)
+    settings = {"criterion": criterion, "n_eff": n_eff,
                 "noise_floor": noise_floor, "rel_noise": rel_noise, "noise_source": source,
                 "residual_noise": None if noise is None else {"absolute": noise.absolute, "relative": noise.relative},
                 "max_points": max_points, "seconds": time.perf_counter() - t_all}
@@ -2656,7 +2868,7 @@ def inspect_model(
 
 
 def _joint_fits(found: Mapping[str, FluxInspection], data: Mapping[str, _FitData], top: int = 6) -> list[JointFit]:
-    """Joint fits of pairs of catalogue candidates (one per flux) sharing parameter names."""
+    """For each pair of fluxes, the best joint fit of their top catalogue candidates sharing a capacity ``Smax``."""
     results = []
     names = list(found)
     for a, b in itertools.combinations(names, 2):
@@ -2665,7 +2877,8 @@ def _joint_fits(found: Mapping[str, FluxInspection], data: Mapping[str, _FitData
         best = None
         for x in ca:
             for y in cb:
-                shared = sorted(set(x.parameters) & set(y.parameters))
+                # only store capacities are shared automatically (a, b, k of two forms are unrelated)
+                shared = sorted(p for p in set(x.parameters) & set(y.parameters) if p.startswith("Smax"))
                 if not shared:
                     continue
                 try:

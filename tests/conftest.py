@@ -1,7 +1,14 @@
 """Shared fixtures: synthetic forcing that always exists, real data that may not."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# Threaded OpenBLAS is hundreds of times slower on small matrices on a loaded 2-core
+# machine; tests use one thread (set before numpy loads it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
 
 import numpy as np
 import pytest
