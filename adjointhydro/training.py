@@ -29,24 +29,23 @@ model run per population member evaluated.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
 import time as _time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .fluxes import NeuralFlux, NeuralFluxGroup, Vars
+from .fluxes import Vars
 from .forcing import Forcing
 from .metrics import LOSSES
 from .model import Model
-from .solve import Solution, solve
+from .solve import CheckpointedAdjoint, Solution, SolverError, solve
 
 __all__ = [
     "calibrate",
@@ -90,6 +89,8 @@ class CalibrationResult:
         n_solves: number of (batched) solves.
         method: ``"adam"``, ``"lbfgs"`` or ``"de"``.
         stopped_at_target: whether ``target_loss`` was reached.
+        n_failed_solves: solves that raised :class:`SolverError` (L-BFGS trial points
+            scored as a large loss; DE batches split until the failing member, scored inf).
     """
 
     parameters: torch.Tensor
@@ -103,6 +104,7 @@ class CalibrationResult:
     n_solves: int = 0
     method: str = ""
     stopped_at_target: bool = False
+    n_failed_solves: int = 0
 
     def parameters_dict(self) -> dict[str, np.ndarray]:
         """Name -> best values ``[basin]``."""
@@ -281,6 +283,26 @@ class _TargetReached(Exception):
     pass
 
 
+def _calibration_sensitivity(sensitivity: Any) -> Any:
+    """The string ``"checkpoint"`` -> a checkpointed adjoint with the sequential forward pass.
+
+    Random starts, line searches and DE populations visit stiff corners of the
+    parameter box (e.g. EXP-HYDRO with ``f`` near 0 and ``Qmax`` near 50, which drains
+    the soil and needs thousands of steps); there the parallel-in-time forward pass
+    needs memory that grows with the steps per period (> 4 GB for one row of 730
+    days), whereas the sequential pass stays at a few hundred MB. An explicit
+    :class:`CheckpointedAdjoint` instance is used as given.
+    """
+    if isinstance(sensitivity, str) and sensitivity.lower() in (
+        "checkpoint", "checkpointed", "checkpointed_adjoint", "checkpointed adjoint"
+    ):
+        try:
+            return CheckpointedAdjoint(parallel_forward=False)
+        except TypeError:  # a CheckpointedAdjoint without that option
+            return CheckpointedAdjoint()
+    return sensitivity
+
+
 # ------------------------------------------------------------------ calibrate
 def calibrate(
     model: Model,
@@ -329,7 +351,12 @@ def calibrate(
             scale (default 1.0, the quasi-Newton step).
         seed: seed of the random starts.
         sensitivity, method, rtol, atol, initial_state: passed to :func:`~adjointhydro.solve.solve`
-            (``initial_state`` per basin; it is replicated over the starts).
+            (``initial_state`` per basin; it is replicated over the starts). The string
+            ``"checkpoint"`` means the checkpointed adjoint with the *sequential* forward
+            pass (bounded memory in stiff corners of the parameter box); pass a
+            ``CheckpointedAdjoint(parallel_forward=None)`` instance to allow the
+            parallel-in-time forward pass. An L-BFGS trial point the solver cannot
+            integrate (:class:`SolverError`) counts as a large loss.
         target_loss: stop as soon as the best loss of every basin is <= this value.
         progress: show a tqdm progress bar.
 
@@ -362,6 +389,7 @@ def calibrate(
         raise ValueError(f"lr must be positive, got {lr}")
     n_starts, iterations = int(n_starts), int(iterations)
     scored, _ = _scored_observations(observed, forcing, score_mask, loss)
+    sensitivity = _calibration_sensitivity(sensitivity)
 
     B, P = forcing.n_basins, len(model.parameter_names)
     R = n_starts * B
@@ -376,7 +404,7 @@ def calibrate(
 
     best_loss = torch.full((R,), float("inf"), dtype=torch.float64)
     best_raw = raw.detach().clone()
-    counters = {"solves": 0, "runs": 0}
+    counters = {"solves": 0, "runs": 0, "failed": 0}
     history: list[dict] = []
 
     def evaluate(x: torch.Tensor) -> torch.Tensor:
@@ -447,13 +475,21 @@ def calibrate(
                             raw.grad = cg.clone()
                             return cl.clone()
                     opt.zero_grad()
-                    L = evaluate(raw)
-                    total = L.sum()
-                    if torch.isfinite(total):
-                        total.backward()
-                    else:
+                    # a trial point the solver cannot integrate (or a non-finite row loss)
+                    # counts as a large loss with zero gradient: the line search steps back
+                    finite = best_loss[torch.isfinite(best_loss)]
+                    penalty = 10.0 * max(1.0, float(finite.max()) if len(finite) else 1.0)
+                    try:
+                        L = evaluate(raw)
+                    except SolverError:
+                        counters["failed"] += 1
+                        counters["solves"] += 1
+                        counters["runs"] += R
                         raw.grad = torch.zeros_like(raw)
-                        total = torch.tensor(float("inf"), dtype=L.dtype)
+                        return torch.tensor(penalty * R, dtype=torch.float64)
+                    L = torch.where(torch.isfinite(L), L, torch.full_like(L, penalty))
+                    total = L.sum()
+                    total.backward()
                     raw.grad.nan_to_num_(0.0, 0.0, 0.0)
                     cache.append((x.clone(), total.detach().clone(), raw.grad.clone()))
                     del cache[:-30]
@@ -503,6 +539,7 @@ def calibrate(
         n_solves=counters["solves"],
         method=optimizer,
         stopped_at_target=bool(stopped and target_loss is not None and reached()),
+        n_failed_solves=counters["failed"],
     )
 
 
@@ -530,7 +567,10 @@ def calibrate_de(
     Runs ``scipy.optimize.differential_evolution(vectorized=True, updating="deferred")``
     in the physical parameter box of ``model``; every generation's population
     (``popsize * P`` members) is evaluated as the rows of one solve without
-    gradients, with the same model, data, solver and loss as :func:`calibrate`.
+    gradients, with the same model, data, solver and loss as :func:`calibrate`
+    (the sequential forward pass, which keeps bounded memory in every corner of
+    the box). A batch that raises :class:`SolverError` is split in halves until
+    the failing members are found; they score ``inf``.
 
     Args:
         popsize, maxiter, tol, polish: as for scipy (``maxiter`` generations; ``tol=0``
@@ -568,33 +608,44 @@ def calibrate_de(
     low = model.param_low.detach().cpu().numpy().astype(np.float64)
     high = model.param_high.detach().cpu().numpy().astype(np.float64)
     forcing_cache: dict[int, Forcing] = {}
-    counters = {"solves": 0, "runs": 0}
+    counters = {"solves": 0, "runs": 0, "failed": 0}
     best = {"loss": float("inf"), "x": None}
     history: list[dict] = []
 
     def func(x: np.ndarray) -> np.ndarray:
         xs = np.atleast_2d(np.asarray(x, dtype=np.float64).T) if np.ndim(x) == 2 else np.asarray(x)[None]
-        S = xs.shape[0]
         xs = np.clip(xs, low, high)
-        if S not in forcing_cache:
-            forcing_cache[S] = forcing if S == 1 else forcing.select(basins=[0] * S)
-        y0 = _replicate_initial_state(initial_state, 1, S, model.n_stores)
-        with torch.no_grad():
-            sol = solve(
-                model, forcing_cache[S], parameters=torch.as_tensor(xs), initial_state=y0,
-                method=method, rtol=rtol, atol=atol, sensitivity="direct",
-            )
-            sim = sol.discharge
-            L = _row_losses(sim, obs.to(sim.dtype).expand(S, -1), loss).to(torch.float64).numpy()
-        L = np.where(np.isfinite(L), L, np.inf)
-        counters["solves"] += 1
-        counters["runs"] += S
+        L = batch_losses(xs)
         i = int(np.argmin(L))
         if L[i] < best["loss"]:
             best["loss"], best["x"] = float(L[i]), xs[i].copy()
         if not history:
             record()  # the initial population
         return L if np.ndim(x) == 2 else float(L[0])
+
+    def batch_losses(xs: np.ndarray) -> np.ndarray:
+        """Losses of the members ``xs`` ``[S, P]``, one solve; halves on a solver failure."""
+        S = xs.shape[0]
+        if S not in forcing_cache:
+            forcing_cache[S] = forcing if S == 1 else forcing.select(basins=[0] * S)
+        y0 = _replicate_initial_state(initial_state, 1, S, model.n_stores)
+        counters["solves"] += 1
+        counters["runs"] += S
+        try:
+            with torch.no_grad():
+                sol = solve(
+                    model, forcing_cache[S], parameters=torch.as_tensor(xs), initial_state=y0,
+                    method=method, rtol=rtol, atol=atol, sensitivity="direct",
+                )
+                sim = sol.discharge
+                L = _row_losses(sim, obs.to(sim.dtype).expand(S, -1), loss).to(torch.float64).numpy()
+        except SolverError:
+            counters["failed"] += 1
+            if S == 1:
+                return np.array([np.inf])
+            h = S // 2
+            return np.concatenate([batch_losses(xs[:h]), batch_losses(xs[h:])])
+        return np.where(np.isfinite(L), L, np.inf)
 
     def record() -> None:
         history.append({
@@ -609,12 +660,18 @@ def calibrate_de(
         if target_loss is not None and best["loss"] <= target_loss:
             raise StopIteration
 
+    import inspect
+
+    seeding = (
+        {"rng": np.random.default_rng(seed)}
+        if "rng" in inspect.signature(differential_evolution).parameters
+        else {"seed": np.random.default_rng(seed)}  # scipy < 1.15
+    )
     with _frozen_networks(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*vectorized.*")
         res = differential_evolution(
             func, list(zip(low, high)), popsize=popsize, maxiter=maxiter, tol=tol,
-            rng=np.random.default_rng(seed), callback=callback, polish=polish,
-            vectorized=True, updating="deferred",
+            callback=callback, polish=polish, vectorized=True, updating="deferred", **seeding,
         )
     x = best["x"] if best["x"] is not None else np.clip(res.x, low, high)
     L = best["loss"]
@@ -633,6 +690,7 @@ def calibrate_de(
         n_solves=counters["solves"],
         method="de",
         stopped_at_target=bool(target_loss is not None and L <= target_loss),
+        n_failed_solves=counters["failed"],
     )
 
 
@@ -936,6 +994,25 @@ def train_hybrid(
     torch.manual_seed(int(seed))
     if parameters is not None:
         model.set_parameters(parameters)
+    grad_flags = [(p, p.requires_grad) for p in weights + [model.raw]]
+    try:
+        return _train_hybrid(
+            model, forcing, train_obs, val_obs, weights, loss_fn, loss=loss, epochs=epochs, lr=lr,
+            lr_schedule=lr_schedule, patience=patience, seed=seed, train_parameters=train_parameters,
+            sensitivity=sensitivity, method=method, rtol=rtol, atol=atol, initial_state=initial_state,
+            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, on_epoch=on_epoch,
+            grad_clip=grad_clip, t_start=t_start,
+        )
+    finally:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+
+
+def _train_hybrid(
+    model, forcing, train_obs, val_obs, weights, loss_fn, *, loss, epochs, lr, lr_schedule, patience, seed,
+    train_parameters, sensitivity, method, rtol, atol, initial_state, checkpoint_dir, resume, progress,
+    on_epoch, grad_clip, t_start,
+) -> TrainResult:
     for p in weights:
         p.requires_grad_(True)
     model.raw.requires_grad_(bool(train_parameters))
