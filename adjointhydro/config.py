@@ -46,16 +46,16 @@ to the configuration file::
     sensitivity = "checkpoint"     # checkpoint | adjoint | direct
 
     [calibration]                  # of the physics model M0
-    optimizer = "adam"             # adam | de (differential evolution)
-    iterations = 100
-    lr = 0.05
+    optimizer = "adam"             # adam | lbfgs | de (differential evolution, one basin at a time)
+    iterations = 100               # (de: generations)
+    lr = 0.05                      # default 0.05 for adam, 1.0 for lbfgs
     n_starts = 4
     loss = "nse"                   # nse | kge | mse
 
     [training]                     # of the hybrid
     epochs = 50
     lr = 5e-3
-    lr_schedule = "cosine"         # cosine | constant
+    lr_schedule = "cosine"         # cosine | step | constant
     patience = 10
     loss = "nse"
     pretrain_epochs = 300          # fit the networks to M0's fluxes first (0: skip)
@@ -108,8 +108,8 @@ __all__ = [
 MODELS = ("exphydro", "exphydro_m50", "exphydro_m100", "reservoir_cascade")
 SOURCES = ("leaf_river", "holmes", "exphydro_sample", "csv", "hdf5", "camels_us")
 SENSITIVITIES = ("checkpoint", "adjoint", "direct")
-OPTIMIZERS = ("adam", "de")
-LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adam", "lbfgs", "de")
+LR_SCHEDULES = ("cosine", "step", "constant")
 #: Scored periods, in report order.
 PERIODS = ("train", "validation", "test")
 #: Networks of the built-in hybrids: which fluxes they replace.
@@ -225,7 +225,7 @@ class SolverConfig:
 class CalibrationConfig:
     optimizer: str = "adam"
     iterations: int = 100
-    lr: float = 0.05
+    lr: float | None = None  # default: 0.05 for adam, 1.0 (the quasi-Newton step) for lbfgs
     n_starts: int = 1
     loss: str = "nse"
     popsize: int = 15
@@ -689,7 +689,8 @@ def _check_static(cfg: Config) -> None:
     _one_of(cfg, "calibration.optimizer", c.optimizer, OPTIMIZERS)
     _one_of(cfg, "calibration.loss", c.loss, losses)
     _positive(cfg, "calibration.iterations", c.iterations, allow_zero=True)
-    _positive(cfg, "calibration.lr", c.lr)
+    if c.lr is not None:
+        _positive(cfg, "calibration.lr", c.lr)
     _positive(cfg, "calibration.n_starts", c.n_starts)
     if c.popsize < 4:
         raise cfg.error("calibration.popsize", f"must be >= 4, got {c.popsize}")

@@ -338,7 +338,8 @@ def _pretrain(cfg: Config, hybrid, physics, params, forcing, log: Log) -> dict:
     t = cfg.training
     t0 = _time.perf_counter()
     with torch.no_grad():
-        sol = solve(physics, forcing, parameters=params, sensitivity="direct", **_solve_kw(cfg))
+        sol = solve(physics, forcing, parameters=params, sensitivity=_sensitivity(cfg), **_solve_kw(cfg))
+    _scale_outputs(hybrid, physics, sol, forcing, params)
     log(f"pretraining the networks on M0's fluxes: {t.pretrain_epochs} epochs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -347,6 +348,30 @@ def _pretrain(cfg: Config, hybrid, physics, params, forcing, log: Log) -> dict:
     final = ", ".join(f"{k} {v[-1]:.3g}" for k, v in history.items() if v)
     log(f"pretraining done in {_time.perf_counter() - t0:.1f} s" + (f": MSE {final}" if final else ""))
     return history
+
+
+def _scale_outputs(hybrid, physics, sol, forcing, params) -> None:
+    """Set each network output's ``output_scale`` to the RMS of M0's rate of that flux at M0's states.
+
+    A network's output is ``output_scale * softplus(z) / log 2``: with the scale of the
+    flux it replaces, the pretraining (and training) need no large last-layer weights
+    to reach the flux's typical size.
+    """
+    from .plots import flux_rates_at_states
+
+    B, T = forcing.n_basins, forcing.n_steps
+    stores = sol.stores[:, :-1].detach().reshape(B * T, -1)
+    fv = forcing.values.reshape(B * T, -1)
+    p = params.detach().to(torch.float64).expand(B, -1)[:, None].expand(B, T, -1).reshape(B * T, -1)
+    rates = flux_rates_at_states(physics, stores.to(torch.float64), fv, forcing.names, p)
+    rms = np.sqrt(np.mean(rates ** 2, axis=0))
+    for f in hybrid.neural_fluxes():
+        with torch.no_grad():
+            for i, name in enumerate(f.names):
+                if name in physics.flux_names:
+                    value = float(rms[physics.flux_names.index(name)])
+                    if np.isfinite(value) and value > 1e-6:
+                        f.output_scale[i] = value
 
 
 def _sigint_guard(run_dir: Path, stage: str):
@@ -573,7 +598,7 @@ def _simulate(model, forcing, params, cfg: Config):
     from .solve import solve
 
     with torch.no_grad():
-        return solve(model, forcing, parameters=params, sensitivity="direct", **_solve_kw(cfg))
+        return solve(model, forcing, parameters=params, sensitivity=_sensitivity(cfg), **_solve_kw(cfg))
 
 
 def _model_block(model, sol, params, kind: str) -> dict:
