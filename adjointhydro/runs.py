@@ -234,8 +234,13 @@ def period_masks(cfg: Config, dates: np.ndarray) -> dict[str, np.ndarray]:
 def _segment(cfg: Config, end: np.datetime64 | None = None):
     """Forcing, observed ``[B, T]`` and dates from the simulation start to ``end``."""
     ds = cfg.dataset()
-    start = cfg.periods.simulation_start or ds.dates[0]
-    stop = end if end is not None else (cfg.periods.simulation_end or ds.dates[-1])
+    # (not ``x or default``: np.datetime64('1970-01-01') is the epoch, which is falsy)
+    start = cfg.periods.simulation_start
+    if start is None:
+        start = ds.dates[0]
+    stop = end if end is not None else cfg.periods.simulation_end
+    if stop is None:
+        stop = ds.dates[-1]
     part = ds.period(start, stop)
     forcing = part.to_forcing(forcing_names(cfg))
     return forcing, part.observed(observed_name(cfg)), part.dates

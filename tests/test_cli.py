@@ -93,7 +93,6 @@ def one_error_line(capsys) -> str:
 
 
 # ------------------------------------------------------------------ simulate
-@pytest.mark.xfail(strict=True, reason='simulate writes the whole record instead of the configured period (known bug, issue 3)')
 def test_simulate_writes_results(tmp_path, capsys):
     cfg = write(tmp_path / "case", SIMULATE)
     assert main(["simulate", str(cfg), "-q"]) == 0
