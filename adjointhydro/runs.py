@@ -385,7 +385,7 @@ def _sigint_guard(run_dir: Path, stage: str):
             return self
 
         def __exit__(self, et, ev, tb):
-            if et is KeyboardInterrupt:
+            if et is not None and issubclass(et, KeyboardInterrupt):
                 try:
                     _update_info(run_dir, stage=f"interrupted ({stage})")
                 except Exception:

@@ -327,7 +327,6 @@ def assert_same_metrics(a: dict, b: dict) -> None:
                 assert (v is None and w is None) or w == pytest.approx(v, rel=1e-9, abs=1e-12), (key, period, name)
 
 
-@pytest.mark.xfail(strict=True, reason="resume does not yet reproduce the uninterrupted run's metrics (known bug, issue 3)")
 def test_resume_after_interruption_matches_uninterrupted(tiny_run, tmp_path, capsys):
     """Stop after 2 of 4 epochs (as Ctrl-C would, after a checkpoint), resume, compare."""
     cfg, _, metrics, _ = tiny_run
