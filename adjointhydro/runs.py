@@ -379,6 +379,22 @@ def _scale_outputs(hybrid, physics, sol, forcing, params) -> None:
                         f.output_scale[i] = value
 
 
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed process left behind.
+
+    They are hidden files ``.<name>.<...>.tmp`` next to their target (see
+    :func:`_tmp_for` and ``training._atomic_save``); the target itself is always the
+    previous complete version, so nothing is lost.
+    """
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
 def _sigint_guard(run_dir: Path, stage: str):
     class _Guard:
         def __enter__(self):
@@ -423,6 +439,8 @@ def train(
     resuming = run_dir is not None
     run_dir = Path(run_dir) if resuming else new_run_dir(cfg, output_dir, "train")
     log(f"run folder: {run_dir}")
+    if resuming:
+        _remove_stale_temporaries(run_dir)
     t_all = _time.perf_counter()
     forcing, observed, dates = _segment(cfg, p.training_end)
     masks = period_masks(cfg, dates)

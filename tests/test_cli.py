@@ -356,35 +356,103 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_run, tmp_path, cap
     assert [r["epoch"] for r in h] == [0, 1, 2, 3]
 
 
+def _assert_run_files_readable(run: Path) -> None:
+    """Every checkpoint, model and JSON file of a run folder loads (atomic writes: never a partial file)."""
+    import torch
+
+    for p in sorted(run.rglob("*.pt")):
+        if p.name.startswith("."):
+            continue  # a temporary file of an interrupted write (never read)
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and state, p
+    for p in sorted(run.rglob("*.json")):
+        json.loads(p.read_text())
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "adjointhydro.cli", *args]
+
+
+def _wait_for(predicate, proc, timeout: float = 300.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
 @pytest.mark.slow
 def test_resume_after_killed_process_matches_uninterrupted(tiny_run, tmp_path):
-    """Kill a training process (SIGKILL) after its first checkpoint; resume; same metrics."""
+    """``python -m adjointhydro.cli train`` killed (SIGKILL) mid-training, twice; resume; same metrics.
+
+    The first kill comes a moment after the first checkpoint appears (inside the next
+    epoch, possibly inside a checkpoint write), the second one inside a resumed run.
+    After each kill every file of the run folder must still load (atomic writes).
+    """
+    import torch
+
     _, _, metrics, _ = tiny_run
     folder = tmp_path / "case"
     cfg = write(folder, TINY)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from adjointhydro.cli import main; "
-         "sys.exit(main(sys.argv[1:]))", "train", str(cfg), "-q"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.time() + 300
-        last = None
-        while time.time() < deadline and proc.poll() is None:
-            runs = list((folder / "runs").glob("tiny_*/checkpoints/last.pt")) if (folder / "runs").exists() else []
-            if runs:
-                last = runs[0]
-                break
-            time.sleep(0.02)
-        assert last is not None, f"no checkpoint appeared (exit {proc.poll()}): {proc.stderr.read().decode()[-2000:]}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+    def last_epoch(run: Path) -> int:
+        p = run / "checkpoints" / "last.pt"
+        return int(torch.load(p, weights_only=True)["epoch"]) if p.is_file() else 0
+
+    def kill(proc) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+
+    # 1. train, killed a moment after its first checkpoint
+    proc = subprocess.Popen(_cli("train", str(cfg), "-q", "--threads", "1"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        found = _wait_for(lambda: bool(list(folder.glob("runs/tiny_*/checkpoints/last.pt"))), proc)
+        assert found and proc.poll() is None, f"no checkpoint before exit {proc.poll()}: {proc.stderr.read().decode()[-2000:]}"
+        time.sleep(0.15)  # into the next epoch
+        kill(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    run = last.parent.parent
-    assert not (run / "metrics.json").exists(), "the process finished before it was killed"
-    assert main(["resume", str(run), "-q"]) == 0
+    run = only_run(folder / "runs")
+    assert not (run / "model.pt").exists(), "the process finished training before it was killed"
+    _assert_run_files_readable(run)
+    e1 = last_epoch(run)
+    assert 1 <= e1 < 4
+
+    # 2. resume, killed again once it has written a further checkpoint (if it gets there)
+    proc = subprocess.Popen(_cli("resume", str(run), "-q", "--threads", "1"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def advanced() -> bool:
+            try:
+                return last_epoch(run) > e1
+            except Exception:  # noqa: BLE001 - a partial file would fail the assertion below
+                return False
+
+        if _wait_for(advanced, proc) and proc.poll() is None and not (run / "model.pt").exists():
+            time.sleep(0.05)
+            kill(proc)
+        else:
+            proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _assert_run_files_readable(run)
+
+    # 3. resume to the end (through the CLI's entry point, as a user would)
+    done = subprocess.run(_cli("resume", str(run), "-q", "--threads", "1"), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    _assert_run_files_readable(run)
     assert_same_metrics(metrics, json.loads((run / "metrics.json").read_text()))
+    h = torch.load(run / "model.pt", weights_only=True)["history"]
+    assert [r["epoch"] for r in h] == [0, 1, 2, 3]
+    assert json.loads((run / "run.json").read_text())["stage"] == "done"
+    assert not list(run.rglob(".*.tmp")), "resume leaves no temporary files of killed writes behind"
