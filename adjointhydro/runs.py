@@ -436,13 +436,14 @@ def train(
     if p.train_start is None:
         raise cfg.error("periods.train_start", "required to train (with periods.train_end)")
     cfg.dataset()  # validate against the data before creating anything
+    # the forcing checks (NaN, negative rates) also come before the run folder
+    forcing, observed, dates = _segment(cfg, p.training_end)
     resuming = run_dir is not None
     run_dir = Path(run_dir) if resuming else new_run_dir(cfg, output_dir, "train")
     log(f"run folder: {run_dir}")
     if resuming:
         _remove_stale_temporaries(run_dir)
     t_all = _time.perf_counter()
-    forcing, observed, dates = _segment(cfg, p.training_end)
     masks = period_masks(cfg, dates)
     train_mask, val_mask = masks["train"], masks.get("validation")
 

@@ -206,6 +206,69 @@ def test_bad_data_via_main(tmp_path, capsys):
     assert "b.csv" in line and "'P'" in line and "2000-01-13" in line
 
 
+def _csv_rows(cells: dict[int, str] | None = None, header: str = "Date,P,PET,Q", n: int = 60) -> str:
+    dates = np.datetime64("2000-01-01") + np.arange(n)
+    rows = [f"{d},{(cells or {}).get(i, '1.0')},2.0,1.0" for i, d in enumerate(dates)]
+    return header + "\n" + "\n".join(rows) + "\n"
+
+
+_CSV_CFG = '[data]\nsource = "csv"\npath = "b.csv"\n[periods]\ntrain_start = "2000-01-05"\ntrain_end = "2000-02-20"\n[model]\nsnow = false\n'
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (_csv_rows({12: "nan"}), ["b.csv", "'P'", "2000-01-13"]),                   # NaN in forcing
+        (_csv_rows({30: ""}), ["b.csv", "'P'", "2000-01-31"]),                      # empty cell
+        (_csv_rows({3: "abc"}), ["b.csv", "line 5", "abc"]),                       # not a number
+        (_csv_rows({20: "-3.0"}), ["b.csv", "'P'", "negative"]),                   # negative precipitation
+        (_csv_rows(header="Date,Prcp,PET,Q"), ["b.csv", "'P'"]),                   # missing column
+        (_csv_rows(header="Day,P,PET,Q"), ["b.csv", "Date"]),                      # missing date column
+        ("", ["b.csv", "empty"]),                                                  # empty file
+        ("Date,P,PET,Q\n2000-01-01,1.0,2.0\n", ["b.csv", "line 2"]),              # short row
+        ("Date,P,PET,Q\n2000-13-01,1.0,2.0,1.0\n", ["b.csv"]),                    # impossible date
+    ],
+    ids=["nan", "empty_cell", "not_a_number", "negative_P", "missing_column", "missing_date_column",
+         "empty_file", "short_row", "bad_date"],
+)
+def test_bad_data_files_give_one_line(tmp_path, capsys, content, expected):
+    (tmp_path / "b.csv").write_text(content)
+    cfg = write(tmp_path, _CSV_CFG)
+    for command in ("simulate", "train"):
+        assert main([command, str(cfg), "-q"]) == 2
+        line = one_error_line(capsys)
+        for e in expected:
+            assert e in line, (command, e, line)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_hdf5_file_gives_one_line(tmp_path, capsys):
+    (tmp_path / "d.h5").write_bytes(b"not an hdf5 file at all")
+    cfg = write(tmp_path, '[data]\nsource = "hdf5"\npath = "d.h5"\n[model]\nsnow = false\n')
+    assert main(["simulate", str(cfg), "-q"]) == 2
+    assert "d.h5" in one_error_line(capsys)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("forcing", data=np.ones((1, 5, 2)))
+    assert main(["simulate", str(cfg), "-q"]) == 2
+    assert "d.h5" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "old,new,key",
+    [
+        ("lr = 0.01", 'lr = "fast"', "training.lr"),                                # wrong type
+        ("[training]", "[trainig]", "trainig"),                                     # unknown section
+        ('warmup_start = "1960-01-01"', 'warmup_start = "1940-01-01"', "periods.warmup_start"),  # before the data
+        ('snow = false', 'snow = false\nneural_fluxes = ["Q", "et"]\ninputs = { ett = ["soil"] }', "model.inputs"),
+    ],
+)
+def test_more_bad_configs_via_main(tmp_path, capsys, old, new, key):
+    cfg = write(tmp_path, TINY.replace(old, new))
+    assert main(["train", str(cfg), "-q"]) == 2
+    assert key in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_debug_shows_traceback(tmp_path, capsys):
     cfg = write(tmp_path, TINY.replace("epochs = 4", "epoch = 4"))
     assert main(["train", str(cfg), "--debug"]) == 2
