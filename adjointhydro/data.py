@@ -973,15 +973,37 @@ def _read_camels_forcing(path: Path) -> tuple[float, float, float, np.ndarray, d
     return head[0], head[1], head[2], dates, cols
 
 
-def _read_camels_streamflow(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Dates and discharge (ft^3/s, NaN where -999 or negative) of a USGS streamflow file."""
+def _read_camels_streamflow(path: Path, basin: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dates and discharge (ft^3/s, NaN where -999 or negative) of a USGS streamflow file.
+
+    Raises :class:`DataError` naming the file and line for a gauge id other than ``basin``
+    in the first column, and for repeated or backward dates (gaps are allowed: missing
+    days become NaN in :func:`load_camels_us`).
+    """
     try:
         data = np.loadtxt(path, usecols=(1, 2, 3, 4), ndmin=2)
     except ValueError as e:
         raise DataError(f"{path}: cannot read as 'gauge year month day Q flag' lines ({e})") from None
     if data.shape[0] == 0:
         raise DataError(f"{path}: no data lines")
+    if basin is not None:
+        ids = np.loadtxt(path, usecols=(0,), dtype=str, ndmin=1)
+        wrong = np.nonzero(np.array([_gauge_id(i) for i in ids]) != basin)[0]
+        if wrong.size:
+            i = int(wrong[0])
+            raise DataError(
+                f"{path}, line {i + 1}: streamflow of gauge {str(ids[i])!r} in the file of basin {basin!r}; "
+                f"{wrong.size} such line(s). The file does not belong to this basin."
+            )
     dates = _ymd_to_dates(data[:, 0], data[:, 1], data[:, 2], str(path))
+    steps = np.diff(dates).astype(np.int64)
+    if steps.size and (steps < 1).any():
+        i = int(np.nonzero(steps < 1)[0][0])
+        what = "a repeated date" if steps[i] == 0 else "dates going backwards"
+        raise DataError(
+            f"{path}, lines {i + 1}-{i + 2}: streamflow dates {dates[i]} then {dates[i + 1]}, {what}; "
+            f"each day may appear once, in order"
+        )
     q = data[:, 3].copy()
     q[q < 0] = np.nan  # -999 marks missing days
     return dates, q
@@ -1059,7 +1081,11 @@ def load_camels_us(
     ``srad`` (W/m2), ``vp`` (Pa), ``dayl`` (s), ``tmax``, ``tmin`` (degC).
     Observation ``Q``: streamflow converted from ft^3/s to mm/day with the header area,
     ``Q * 0.0283168 * 86400 * 1000 / area_m2``; -999 or negative = NaN, days without a
-    line = NaN. Dates: the period common to all forcing and streamflow files.
+    line = NaN. Dates: the period common to all forcing and streamflow files; a streamflow
+    file with another gauge's id, repeated or backward dates raises :class:`DataError`
+    (file and line), files without a common period raise :class:`DataError` listing each
+    basin's spans, and a basin with no observation in the common period gets a
+    :class:`DataWarning` naming it (its ``Q`` stays NaN).
     Attributes: ``latitude`` (deg N), ``elevation`` (m), ``area`` (km^2) from the forcing
     file header, then the numeric columns of the CAMELS tables (NaN kept, with a
     :class:`DataWarning` listing them).
@@ -1091,7 +1117,7 @@ def load_camels_us(
         fpath = _find_one(forcing_dir, f"{b}_lump_*_forcing_leap.txt", f"forcing of basin {b!r}")
         qpath = _find_one(root / "usgs_streamflow", f"{b}_streamflow_qc.txt", f"streamflow of basin {b!r}")
         lat, elev, area_m2, fdates, cols = _read_camels_forcing(fpath)
-        qdates, q_cfs = _read_camels_streamflow(qpath)
+        qdates, q_cfs = _read_camels_streamflow(qpath, b)
         if not area_m2 > 0:
             raise DataError(f"{fpath}, line 3: basin area must be > 0 m2, got {area_m2}")
         parts.append((b, fpath, qpath, lat, elev, area_m2, fdates, cols, qdates, q_cfs))
@@ -1122,6 +1148,13 @@ def load_camels_us(
         inside = (pos >= 0) & (pos < len(dates))
         q[i, pos[inside]] = q_cfs[inside] * _CFS * 86400.0 * 1000.0 / area_m2
         head[i] = (lat, elev, area_m2 / 1e6)
+    empty = [b for i, b in enumerate(ids) if np.isnan(q[i]).all()]
+    if empty:
+        warnings.warn(
+            f"{source}: basin(s) {empty} have no streamflow observation (all missing or -999) in the "
+            f"common period {start}..{end}; their Q is all NaN (training rejects such basins by name)",
+            DataWarning, stacklevel=2,
+        )
 
     attr_names = ["latitude", "elevation", "area"]
     attrs = head

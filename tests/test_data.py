@@ -427,3 +427,65 @@ def test_camels_to_hdf5_round_trip(camels_copy, tmp_path):
     back = read_hdf5(tmp_path / "camels.h5")
     assert_same(ds, back)
     assert back.attribute_names == ["latitude", "elevation", "area"]
+
+
+# ------------------------------------------- CAMELS validation for regional training
+def _streamflow(camels_copy: Path, basin: str) -> Path:
+    return next((camels_copy / "usgs_streamflow").rglob(f"{basin}_streamflow_qc.txt"))
+
+
+def test_camels_streamflow_of_another_gauge_or_repeated_dates_is_an_error(camels_copy):
+    path = _streamflow(camels_copy, "01547700")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:5] + [lines[5].replace("01547700", "01022500", 1)] + lines[6:]) + "\n")
+    with pytest.raises(DataError, match=r"01547700_streamflow_qc\.txt, line 6: streamflow of gauge '01022500' "
+                                        r"in the file of basin '01547700'"):
+        load_camels_us(camels_copy)
+    path.write_text("\n".join(lines[:10] + [lines[9]] + lines[10:]) + "\n")  # day 10 twice
+    with pytest.raises(DataError, match=r"01547700_streamflow_qc\.txt, lines 10-11: streamflow dates "
+                                        r"2000-01-10 then 2000-01-10, a repeated date"):
+        load_camels_us(camels_copy)
+
+
+def test_camels_forcing_and_streamflow_without_common_period_name_both(camels_copy):
+    path = _streamflow(camels_copy, "01547700")
+    lines = path.read_text().splitlines()
+    # move the streamflow record 20 years later: it no longer overlaps the forcing
+    shifted = [ln[:9] + str(int(ln[9:13]) + 20) + ln[13:] for ln in lines]
+    path.write_text("\n".join(shifted) + "\n")
+    with pytest.raises(DataError, match=r"no period common to all forcing and streamflow files .*01547700: "
+                                        r"forcing 2000-01-01\.\.2002-12-31, streamflow 2020-01-01"):
+        load_camels_us(camels_copy)
+
+
+def test_camels_basin_without_observations_is_named_and_kept_as_nan(camels_copy):
+    path = _streamflow(camels_copy, "01022500")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(" ".join(ln.split()[:4]) + " -999.00 M" for ln in lines) + "\n")
+    with pytest.warns(DataWarning, match=r"basin\(s\) \['01022500'\] have no streamflow observation .* "
+                                         r"common period 2000-01-01\.\.2002-12-31"):
+        ds = load_camels_us(camels_copy)
+    q = ds.observed("Q")
+    assert np.isnan(q[0]).all() and np.isfinite(q[1]).mean() > 0.9
+    # regional training rejects it by name, before any solve
+    from adjointhydro.models import exphydro
+    from adjointhydro.regional import train_regional
+
+    with pytest.raises(ValueError, match=r"1 basin\(s\) have fewer than 2 non-missing observations in the "
+                                         r"training period .*'01022500' \(0\)"):
+        train_regional(exphydro(), ds, attribute_names=["latitude", "elevation", "area"], epochs=1)
+
+
+def test_nan_attributes_are_rejected_by_regional_training_naming_basin_and_attribute(camels_copy):
+    table = camels_copy / "camels_attributes_v2.0" / "camels_topo.txt"
+    write_text(table, "gauge_id;slope_mean;root_depth_50\n01022500;17.8;NA\n01547700;43.0;0.19\n")
+    with pytest.warns(DataWarning, match="01022500: root_depth_50"):
+        ds = load_camels_us(camels_copy)
+    from adjointhydro.models import exphydro
+    from adjointhydro.regional import train_regional
+
+    with pytest.raises(ValueError, match=r"missing \(NaN\) or infinite attribute values in 1 basin\(s\): "
+                                         r"basin '01022500': root_depth_50"):
+        train_regional(exphydro(), ds, attribute_names=["slope_mean", "root_depth_50"], epochs=1)
+    with pytest.raises(ValueError, match=r"attribute\(s\) \['aridity'\] not in the data"):
+        train_regional(exphydro(), ds, attribute_names=["slope_mean", "aridity"], epochs=1)
