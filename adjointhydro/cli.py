@@ -153,33 +153,105 @@ def _cmd_simulate(args, log) -> int:
     return 0
 
 
+#: The symbolic model re-simulated should be within this NSE of the hybrid on the test period.
+INSPECT_NSE_TOLERANCE = 0.03
+
+
 def _cmd_inspect(args, log) -> int:
-    from .runs import RunError, _segment, _simulate, load_run, period_masks
+    import numpy as np
+
+    from .runs import RunError, _segment, _simulate, _solve_kw, load_run, period_masks
 
     try:
         from .symbolic import inspect_model
     except ImportError as e:
         raise RunError(f"symbolic inspection is not available (adjointhydro.symbolic: {e})") from None
+    t_all = time.perf_counter()
     lr = load_run(args.run)
     if lr.hybrid is None:
         raise RunError(f"{args.run}: a physics-only run ({lr.physics.name}) has no networks to inspect")
     cfg = lr.config
+    params = lr.hybrid.physical_parameters().detach()
+    # the search sees only the record the hybrid was trained on (warm-up to the end of
+    # training/validation); the chosen expressions are then re-simulated over every period
+    fit_end = cfg.periods.training_end
+    forcing_fit, observed_fit, dates_fit = _segment(cfg, fit_end)
+    fit_masks = period_masks(cfg, dates_fit)
+    scored = np.zeros(len(dates_fit), dtype=bool)
+    for name in ("train", "validation"):
+        if name in fit_masks:
+            scored |= fit_masks[name]
+    if scored.any():  # the warm-up is not scored: its residuals do not set the noise level
+        observed_fit = np.where(scored[None, :], observed_fit, np.nan)
     forcing, observed, dates = _segment(cfg)
     masks = period_masks(cfg, dates)
-    params = lr.hybrid.physical_parameters().detach()
-    log(f"simulating the hybrid over {dates[0]}..{dates[-1]}")
-    sol = _simulate(lr.hybrid, forcing, params, cfg)
+    log(f"simulating the hybrid over {dates_fit[0]}..{dates_fit[-1]} (the search samples this record)")
+    sol = _simulate(lr.hybrid, forcing_fit, params, cfg)
     out_dir = Path(args.run) / "inspect"
     out_dir.mkdir(exist_ok=True)
-    log(f"inspecting the networks of {lr.hybrid.name} (this can take a few minutes)")
-    report = inspect_model(lr.hybrid, forcing, sol, observed=observed, parameters=params, periods=masks,
-                           out_dir=out_dir)
-    chosen = getattr(report, "chosen", {}) or {}
-    for name, cand in chosen.items():
-        expr = getattr(cand, "expression", None) or getattr(cand, "template", cand)
-        print(f"{name}: {expr}")
-    print(f"\nreport: {out_dir}")
+    log(f"inspecting the networks of {lr.hybrid.name}; re-simulating over {dates[0]}..{dates[-1]}")
+    solve_kwargs = dict(_solve_kw(cfg), sensitivity=cfg.solver.sensitivity)
+    report = inspect_model(lr.hybrid, forcing_fit, sol, observed=observed_fit, parameters=params,
+                           periods=masks, out_dir=out_dir, resimulate_forcing=forcing,
+                           resimulate_observed=observed, solve_kwargs=solve_kwargs, seed=cfg.run.seed)
+    verdict = _inspect_verdict(report, masks)
+    if verdict:
+        md = out_dir / "report.md"
+        text = md.read_text(encoding="utf-8")
+        md.write_text(text.rstrip("\n") + "\n\n## Verdict\n\n" + verdict + "\n", encoding="utf-8")
+    print("")
+    for name, fi in report.fluxes.items():
+        c = fi.chosen
+        print(f"{name} = {c.text()}   [{c.form}, {c.method}; R2 {c.r2:.4f}, RMSE {c.rmse:.3g}; "
+              f"search {fi.seconds:.1f} s]")
+    res = report.resimulation
+    if res is not None and res.metrics:
+        print("")
+        print(f"{'period':<12}{'hybrid NSE':>12}{'symbolic NSE':>14}{'hybrid KGE':>12}{'symbolic KGE':>14}")
+        for period in masks:
+            try:
+                h, y = res.get(period, "hybrid"), res.get(period, "symbolic")
+            except KeyError:
+                continue
+            print(f"{period:<12}{h['nse']:>12.3f}{y['nse']:>14.3f}{h['kge']:>12.3f}{y['kge']:>14.3f}")
+    elif res is not None and res.error:
+        print(f"re-simulation failed: {res.error}")
+    if verdict:
+        print("")
+        print(verdict)
+    print(f"\nreport: {out_dir / 'report.md'} ({time.perf_counter() - t_all:.0f} s)")
     return 0
+
+
+def _inspect_verdict(report, masks) -> str:
+    """One paragraph: is the symbolic model within :data:`INSPECT_NSE_TOLERANCE` NSE of the hybrid?"""
+    import math
+
+    res = report.resimulation
+    period = "test" if "test" in masks else (list(masks)[-1] if masks else "all")
+    if res is None:
+        return ""
+    if res.error:
+        return f"The symbolic model could not be re-simulated ({res.error}), so it cannot replace the hybrid."
+    try:
+        h, y = res.get(period, "hybrid")["nse"], res.get(period, "symbolic")["nse"]
+    except KeyError:
+        return ""
+    if not (math.isfinite(h) and math.isfinite(y)):
+        return f"No finite NSE on the {period} period (hybrid {h}, symbolic {y})."
+    diff = h - y
+    tol = INSPECT_NSE_TOLERANCE
+    if diff <= tol:
+        return (f"On the {period} period the symbolic model reaches NSE {y:.3f} against the hybrid's {h:.3f} "
+                f"(difference {diff:+.3f}): within {tol} NSE, so the chosen expressions reproduce the networks' "
+                f"effect on discharge.")
+    worst = min(report.fluxes.values(), key=lambda fi: fi.chosen.r2)
+    return (f"On the {period} period the symbolic model reaches NSE {y:.3f} against the hybrid's {h:.3f} "
+            f"(difference {diff:+.3f}): NOT within {tol} NSE. The expressions are fitted to the network outputs "
+            f"pointwise; the least faithful is `{worst.flux}` (R2 {worst.chosen.r2:.4f}, RMSE "
+            f"{worst.chosen.rmse:.3g}), and its error accumulates through the stores over the years of "
+            f"re-simulation. Choose a more complex candidate from the table (or recalibrate the constants "
+            f"through the ODE with recalibrate=True in the Python API) before replacing the networks.")
 
 
 _COMMANDS = {

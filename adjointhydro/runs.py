@@ -324,8 +324,13 @@ def _calibrate_m0(cfg: Config, physics, forcing, observed, train_mask, progress:
         ]
         runs = sum(r.n_model_runs for r in results)
     else:
+        sens = _sensitivity(cfg)
+        if sens == "checkpoint" and cfg.solver.parallel_forward:
+            from .solve import CheckpointedAdjoint
+
+            sens = CheckpointedAdjoint(parallel_forward=None)  # parallel-in-time for small batches
         r = calibrate(physics, forcing, observed, optimizer=c.optimizer, n_starts=c.n_starts,
-                      iterations=c.iterations, lr=c.lr, sensitivity=_sensitivity(cfg), progress=progress, **kw)
+                      iterations=c.iterations, lr=c.lr, sensitivity=sens, progress=progress, **kw)
         params, loss, history, runs = r.parameters, r.loss, r.history, r.n_model_runs
     seconds = _time.perf_counter() - t0
     pretty = ", ".join(f"{n}={float(v):.4g}" for n, v in zip(physics.parameter_names, params[0]))

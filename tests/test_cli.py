@@ -366,6 +366,37 @@ def test_load_run_rebuilds_the_trained_model(tiny_run):
     torch.testing.assert_close(lr.physics.physical_parameters().detach(), m0["parameters"])
 
 
+def test_inspect_through_the_cli(tiny_run, tmp_path, capsys):
+    """``adjointhydro inspect RUN`` on the tiny trained hybrid: report files, one expression per network flux,
+    re-simulation metrics of the hybrid and the symbolic model, and a verdict on the test period."""
+    _, run, metrics, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    t0 = time.perf_counter()
+    assert main(["inspect", str(copy), "-q"]) == 0
+    seconds = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    for name in ("et", "Q"):
+        assert any(line.startswith(f"{name} = ") for line in out.splitlines()), out
+    assert "symbolic NSE" in out and "report:" in out
+    d = copy / "inspect"
+    for f in ("report.md", "report.json", "flux_et.png", "flux_Q.png", "pareto_Q.png"):
+        assert (d / f).is_file(), f
+    rep = json.loads((d / "report.json").read_text())
+    assert set(rep["fluxes"]) == {"et", "Q"}
+    for fl in rep["fluxes"].values():
+        assert fl["chosen"]["expression"] and fl["candidates"] and fl["seconds"] < 60
+    rows = rep["resimulation"]["metrics"]
+    test_rows = {r["model"]: r for r in rows if r["period"] == "test"}
+    assert {"hybrid", "symbolic"} <= set(test_rows)
+    # the hybrid re-simulated inside inspect is the trained hybrid: same test NSE as evaluate's
+    assert test_rows["hybrid"]["nse"] == pytest.approx(metrics["hybrid"]["basins"]["leaf_river"]["test"]["nse"],
+                                                       abs=1e-6)
+    md = (d / "report.md").read_text()
+    assert "## Verdict" in md and "test period" in md
+    assert seconds < 300, f"inspect took {seconds:.0f} s"
+
+
 def test_physics_only_train(tmp_path, capsys):
     text = TINY.replace('name = "exphydro_m50"', 'name = "exphydro"').replace("hidden = [8, 8]\n", "")
     cfg = write(tmp_path, text.replace("iterations = 4", "iterations = 2"))

@@ -313,3 +313,12 @@ def test_parse_config_from_text_without_file():
     assert cfg.model.n_reservoirs == 2 and not cfg.model.is_hybrid
     with pytest.raises(ConfigError, match=r"^config: model.n_reservoirs: must be >= 1"):
         parse_config('[model]\nname = "reservoir_cascade"\nn_reservoirs = 0\n', check_data=False)
+
+
+def test_solver_parallel_forward(tmp_path):
+    text = GOOD + '[solver]\nparallel_forward = true\n'
+    assert load_config(write(tmp_path, text), check_data=False).solver.parallel_forward is True
+    msg = error_of(tmp_path, GOOD + '[solver]\nparallel_forward = "yes"\n', check_data=False)
+    assert "solver.parallel_forward" in msg and "true or false" in msg
+    msg = error_of(tmp_path, GOOD + '[solver]\nsensitivity = "direct"\nparallel_forward = true\n', check_data=False)
+    assert "solver.parallel_forward" in msg and "'direct'" in msg
