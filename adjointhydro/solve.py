@@ -101,7 +101,7 @@ class CheckpointedAdjoint:
     max_rows: int = 32768
     parallel_forward: bool | None = None
     max_newton: int = 30
-    warm_start: bool = False
+    warm_start: bool = True
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -465,9 +465,6 @@ class _CheckpointedSolve(torch.autograd.Function):
         lam = gY[:, T].clone()
         C = max(1, ctx.max_rows // max(B * (n + 1), 1))
         dev = Y.device
-        if B > _PARALLEL_MAX_BASINS:
-            return _CheckpointedSolve._backward_sequential(ctx, prob, Y, DT, params, fvals, weights, gY, gQ,
-                                                           need_p, need_f, w_need, g_params, g_f, g_w, wiring)
         for k1 in range(T, 0, -C):
             k0 = max(0, k1 - C)
             c = k1 - k0
@@ -520,48 +517,6 @@ class _CheckpointedSolve(torch.autograd.Function):
                         if g is not None:
                             g_w[i] += g
         return (None, None, None, None, None, lam, g_params, g_f, *g_w)
-
-    @staticmethod
-    def _backward_sequential(ctx, prob, Y, DT, params, fvals, weights, gY, gQ, need_p, need_f, w_need,
-                             g_params, g_f, g_w, wiring):
-        """Large batches: recompute chunks of periods from their checkpoints, backpropagate each."""
-        B, T1, n = Y.shape
-        T = T1 - 1
-        C = max(1, ctx.max_rows // max(B, 1))
-        lam = gY[:, T].clone()
-        wants = [need_p, need_f] + w_need
-        for k1 in range(T, 0, -C):
-            k0 = max(0, k1 - C)
-            with torch.enable_grad():
-                y_start = Y[:, k0].detach().requires_grad_(True)
-                p_leaf = params.detach().requires_grad_(need_p)
-                f_leaf = fvals.detach().requires_grad_(need_f)
-                y = y_start
-                outs, cots = [], []
-                for k in range(k0, k1):
-                    # same first step as the forward pass: the recomputation is identical
-                    y, q, _, _ = prob.period(y, f_leaf, p_leaf, None, k, DT[:, k], wiring)
-                    outs += [q, y]
-                    cots += [gQ[:, k], lam if k == k1 - 1 else gY[:, k + 1]]
-                inputs = [x for x, w in zip([p_leaf, f_leaf] + list(weights), wants) if w] + [y_start]
-                grads = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
-            lam = grads[-1] + gY[:, k0] if grads[-1] is not None else gY[:, k0].clone()
-            it = iter(grads[:-1])
-            if need_p:
-                g = next(it)
-                if g is not None:
-                    g_params += g
-            if need_f:
-                g = next(it)
-                if g is not None:
-                    g_f += g
-            for i, nw in enumerate(w_need):
-                if nw:
-                    g = next(it)
-                    if g is not None:
-                        g_w[i] += g
-        return (None, None, None, None, None, lam, g_params, g_f, *g_w)
-
 
 
 class _TorchdiffeqRHS(nn.Module):
