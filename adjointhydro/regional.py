@@ -724,6 +724,7 @@ def train_regional(
     resume: bool = False,
     metrics: Sequence[str] = DEFAULT_METRICS,
     eval_batch_size: int = 256,
+    final_metrics: bool = True,
     progress: bool = False,
     on_epoch: Callable[[int, dict], Any] | None = None,
 ) -> RegionalResult:
@@ -783,6 +784,8 @@ def train_regional(
         sensitivity, method, rtol, atol: passed to :func:`~adjointhydro.solve.solve`.
         metrics: metric names for ``metrics.json``.
         eval_batch_size: basins per solve in validation and evaluation.
+        final_metrics: compute the per-basin metrics at the end (False: ``metrics`` is
+            empty; for benchmarks).
         on_epoch: ``on_epoch(epoch, record)`` after each epoch.
 
     Raises:
@@ -876,6 +879,7 @@ def train_regional(
         opt.load_state_dict(ck["optimizer"])
         history, best_val, best_epoch = list(ck["history"]), float(ck["best_val"]), int(ck["best_epoch"])
         bad, stopped, start_epoch, best_state = int(ck["bad"]), bool(ck["stopped"]), int(ck["epoch"]), ck["best_state"]
+        torch.set_rng_state(ck["torch_rng"])  # dropout draws continue where they stopped
 
     n_train = len(d.basins)
     kw = dict(method=method, rtol=rtol, atol=atol)
@@ -979,6 +983,7 @@ def train_regional(
                 "network": network.state_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "epoch": epoch, "history": history, "best_state": best_state, "best_val": best_val,
                 "best_epoch": best_epoch, "bad": bad, "stopped": stopped, "config": config,
+                "torch_rng": torch.get_rng_state(),
             }, ckdir / "last.pt")
         if progress and writer:
             print(f"epoch {record['epoch']}: train {record['train_loss']:.4f} val {V:.4f} "
@@ -995,7 +1000,9 @@ def train_regional(
         eval_periods = {"train": tm}
         if vm is not None:
             eval_periods["validation"] = vm
-    met, _ = _evaluate(model, network, d, eval_periods, metrics, method, rtol, atol, eval_batch_size)
+    met = {}
+    if final_metrics:
+        met, _ = _evaluate(model, network, d, eval_periods, metrics, method, rtol, atol, eval_batch_size)
     with torch.no_grad():
         p = network(d.attributes).cpu().numpy()
     params = {b: {n: float(p[i, j]) for j, n in enumerate(network.parameter_names)} for i, b in enumerate(d.basins)}

@@ -58,6 +58,7 @@ __all__ = [
     "parameter_sensitivity",
     "twin_experiment",
     "TWIN_BOUNDS",
+    "TWIN_FIXED",
 ]
 
 #: Attribute names, in column order.
@@ -71,6 +72,10 @@ ATTRIBUTE_RANGES = {
     "soil_depth": (0.3, 2.0, "m"),
     "forest_frac": (0.0, 1.0, "-"),
 }
+
+
+#: Parameters held constant in :func:`true_parameters` and fixed in twin experiments.
+TWIN_FIXED = {"Tmax": 1.0, "Tmin": -1.0}
 
 
 def _unit(attributes: np.ndarray) -> dict[str, np.ndarray]:
@@ -96,11 +101,15 @@ def true_parameters(attributes: np.ndarray) -> np.ndarray:
         Qmax = 4 + 22 * sqrt(g) * (1 - 0.3 s)                     g: slope
         f    = 0.005 + 0.035 / (1 + exp(-4 (a - 0.5))) * (0.6 + 0.4 (1 - g))   a: aridity
         Df   = 1.0 + 2.5 (1 - 0.6 w) * (0.5 + 0.5 e)              e: elevation
-        Tmax = 0.3 + 1.8 e
-        Tmin = -0.3 - 1.8 e * (0.5 + 0.5 w)
+        Tmax = 1.0,  Tmin = -1.0                                  (constants, see below)
 
     where every attribute is taken as its position in its range (0..1). The baseflow
     slope ``Qmax * f`` stays below about 1/day, so one-day fixed steps are stable.
+
+    The snow thresholds are constant: the melt threshold ``Tmax`` trades off against the
+    melt factor ``Df`` (``melt = Df (T - Tmax)``), so with both free neither can be
+    recovered from discharge (:func:`parameter_sensitivity` with ``kind="profile"``);
+    twin experiments fix them (:data:`TWIN_FIXED`) and learn the other four.
     """
     u = _unit(attributes)
     s, w, g, a, e = u["soil_depth"], u["forest_frac"], u["slope"], u["aridity"], u["elevation"]
@@ -108,8 +117,8 @@ def true_parameters(attributes: np.ndarray) -> np.ndarray:
     qmax = 4.0 + 22.0 * np.sqrt(g) * (1.0 - 0.3 * s)
     f = 0.005 + 0.035 / (1.0 + np.exp(-4.0 * (a - 0.5))) * (0.6 + 0.4 * (1.0 - g))
     df = 1.0 + 2.5 * (1.0 - 0.6 * w) * (0.5 + 0.5 * e)
-    tmax = 0.3 + 1.8 * e
-    tmin = -0.3 - 1.8 * e * (0.5 + 0.5 * w)
+    tmax = np.full_like(e, TWIN_FIXED["Tmax"])
+    tmin = np.full_like(e, TWIN_FIXED["Tmin"])
     return np.stack([f, smax, qmax, df, tmax, tmin], axis=1)
 
 
@@ -269,37 +278,68 @@ def parameter_sensitivity(
     *,
     step: float = 0.1,
     warmup: int = 365,
+    kind: str = "marginal",
+    free: Sequence[str] | None = None,
     method: str = "dopri5",
     rtol: float = 1e-3,
     atol: float = 1e-3,
 ) -> dict[str, np.ndarray]:
     """How much discharge responds to each parameter, per basin (a practical identifiability test).
 
-    Each parameter is moved by ``step`` of its range (towards the middle of the range, so
-    the move stays inside the bounds) while the others are held; the sensitivity is the
-    change in NSE of the perturbed discharge against the unperturbed one, ``1 - NSE``,
-    after ``warmup`` days. A parameter whose sensitivity is tiny in most basins cannot be
-    recovered from discharge, whatever the method.
+    ``kind="marginal"``: each parameter is moved by ``step`` of its range (towards the
+    middle of the range, so the move stays inside the bounds) while the others are held;
+    the sensitivity is ``1 - NSE`` of the perturbed discharge against the unperturbed one,
+    after ``warmup`` days.
+
+    ``kind="profile"``: the same move, but the other parameters may compensate
+    (linearised): with ``J`` the finite-difference Jacobian of discharge with respect to
+    the parameters in units of their ranges and ``F = J^T J / SST`` (``SST`` the sum of
+    squared deviations of the reference discharge), the sensitivity is
+    ``step^2 / (F^-1)_jj``. It is small for a parameter that trades off against others
+    (collinearity, e.g. the melt factor ``Df`` against the melt threshold ``Tmax``), even
+    if moving it alone changes the discharge: such a parameter cannot be recovered from
+    discharge, whatever the method (Brun et al. 2001, WRR 37, 1015-1030). ``free``: the
+    parameters that may compensate (default all; parameters known or fixed are left out).
 
     Returns:
         name -> ``[basin]`` array of ``1 - NSE`` between perturbed and reference discharge.
     """
+    if kind not in ("marginal", "profile"):
+        raise ValueError(f"kind must be 'marginal' or 'profile', got {kind!r}")
     p0 = torch.as_tensor(parameters, dtype=torch.float64)
     low, high = model.param_low, model.param_high
+
+    def run(p: torch.Tensor) -> torch.Tensor:
+        return solve(model, forcing, parameters=p, method=method, rtol=rtol, atol=atol,
+                     sensitivity="direct").discharge[:, warmup:]
+
     with torch.no_grad():
-        ref = solve(model, forcing, parameters=p0, method=method, rtol=rtol, atol=atol,
-                    sensitivity="direct").discharge[:, warmup:]
+        ref = run(p0)
+        sst = ((ref - ref.mean(-1, keepdim=True)) ** 2).sum(-1)
         out = {}
-        for j, name in enumerate(model.parameter_names):
-            p = p0.clone()
-            mid = 0.5 * (low[j] + high[j])
-            direction = torch.where(p[:, j] < mid, 1.0, -1.0).to(p.dtype)
-            p[:, j] = p[:, j] + direction * step * (high[j] - low[j])
-            q = solve(model, forcing, parameters=p, method=method, rtol=rtol, atol=atol,
-                      sensitivity="direct").discharge[:, warmup:]
-            sse = ((q - ref) ** 2).sum(-1)
-            sst = ((ref - ref.mean(-1, keepdim=True)) ** 2).sum(-1)
-            out[name] = (sse / sst).numpy()
+        if kind == "marginal":
+            for j, name in enumerate(model.parameter_names):
+                p = p0.clone()
+                mid = 0.5 * (low[j] + high[j])
+                direction = torch.where(p[:, j] < mid, 1.0, -1.0).to(p.dtype)
+                p[:, j] = p[:, j] + direction * step * (high[j] - low[j])
+                out[name] = (((run(p) - ref) ** 2).sum(-1) / sst).numpy()
+            return out
+        names = list(model.parameter_names) if free is None else [n for n in model.parameter_names if n in free]
+        cols = []
+        h = 0.01
+        for j in (model.parameter_names.index(n) for n in names):
+            width = high[j] - low[j]
+            up, dn = p0.clone(), p0.clone()
+            up[:, j] = torch.clamp(p0[:, j] + h * width, max=high[j])
+            dn[:, j] = torch.clamp(p0[:, j] - h * width, min=low[j])
+            cols.append((run(up) - run(dn)) / ((up[:, j] - dn[:, j]) / width)[:, None])
+        J = torch.stack(cols, -1)  # [B, T, P], per unit of range
+        F = J.transpose(1, 2) @ J / sst[:, None, None]
+        ridge = 1e-12 * F.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
+        Finv = torch.linalg.inv(F + ridge[:, None, None] * torch.eye(F.shape[-1], dtype=F.dtype))
+        for j, name in enumerate(names):
+            out[name] = (step**2 / Finv[:, j, j]).numpy()
     return out
 
 
@@ -346,11 +386,16 @@ def twin_experiment(
     no snow) at a random date, which the true run did not do: a small model error. Held-out basins are simulated over
     the whole record from their attributes alone and scored after the warm-up year.
 
-    Identifiability (per basin, :func:`parameter_sensitivity` with a move of 10 % of the
-    range): a parameter counts as identifiable in a basin when the move changes the
+    The snow thresholds are fixed at their (constant) true values (:data:`TWIN_FIXED`);
+    the network learns ``f``, ``Smax``, ``Qmax`` and ``Df``.
+
+    Identifiability (per basin, :func:`parameter_sensitivity` with ``kind="profile"``,
+    a move of 10 % of the range that the other learned parameters may compensate, linearised):
+    a parameter counts as identifiable in a basin when the move still changes the
     discharge by ``1 - NSE >= identifiable_threshold``; it is *identifiable* when this
     holds in at least half of the held-out basins, and its R2 is computed over the basins
-    where it holds (``r2_all``: over every held-out basin).
+    where it holds (``r2_all``: over every held-out basin). ``identifiable_fraction_marginal``
+    gives the fractions for moves of one parameter alone (no compensation).
 
     Returns:
         a dict with ``nse_heldout`` (per basin), ``nse_heldout_median``, ``nse_prior_median``
@@ -384,31 +429,40 @@ def twin_experiment(
         model, train, train_mask=train_mask, val_mask=val_mask, epochs=epochs, batch_size=batch_size,
         window=window, warmup=365, lr=lr, lr_schedule="cosine", patience=None, seed=seed, method=method,
         sensitivity=sensitivity, hidden=hidden, parameter_bounds=TWIN_BOUNDS, start="middle",
+        fixed_parameters=TWIN_FIXED,
         val_every=val_every, progress=progress,
     )
     net = res.network
     met, _ = evaluate_regional(model, net, test, periods={"test": score}, metrics=("nse", "kge"), method=method)
     nse_test = np.array([met[b]["test"]["nse"] for b in test.basins])
     torch.manual_seed(seed)
-    prior = AttributeParameters(model, net.attribute_names, hidden=hidden, bounds=TWIN_BOUNDS, start="middle")
+    prior = AttributeParameters(model, net.attribute_names, hidden=hidden, bounds=TWIN_BOUNDS, start="middle",
+                                fixed=TWIN_FIXED)
     prior.fit_normalisation(train.attributes)
     pmet, _ = evaluate_regional(model, prior, test, periods={"test": score}, metrics=("nse",), method=method)
     nse_prior = np.array([pmet[b]["test"]["nse"] for b in test.basins])
     with torch.no_grad():
         est = net(test.attributes).numpy()
     truth = syn.true_parameters[te_idx]
-    sens = parameter_sensitivity(model, test.to_forcing(["P", "T", "PET"]), truth, method=method, warmup=365)
-    r2, r2_all, ident, frac = {}, {}, {}, {}
+    ftest = test.to_forcing(["P", "T", "PET"])
+    learned = [n for n in syn.parameter_names if n not in TWIN_FIXED]
+    sens = parameter_sensitivity(model, ftest, truth, method=method, warmup=365, kind="profile", free=learned)
+    marg = parameter_sensitivity(model, ftest, truth, method=method, warmup=365, kind="marginal")
+    r2, r2_all, ident, frac, frac_m = {}, {}, {}, {}, {}
     for j, name in enumerate(syn.parameter_names):
+        if name not in learned:
+            continue
         ok = sens[name] >= identifiable_threshold
         frac[name] = float(ok.mean())
+        frac_m[name] = float((marg[name] >= identifiable_threshold).mean())
         ident[name] = bool(ok.mean() >= 0.5)
         r2_all[name] = r_squared(truth[:, j], est[:, j])
         r2[name] = r_squared(truth[ok, j], est[ok, j]) if ok.sum() >= 3 else float("nan")
     return {
         "nse_heldout": nse_test, "nse_heldout_median": float(np.median(nse_test)),
         "nse_prior_median": float(np.median(nse_prior)), "r2": r2, "r2_all": r2_all,
-        "identifiable": ident, "identifiable_fraction": frac, "epochs_run": len(res.history),
+        "identifiable": ident, "identifiable_fraction": frac,
+        "identifiable_fraction_marginal": frac_m, "epochs_run": len(res.history),
         "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss,
         "train_nse_median": res.summary("nse")["train"]["median"],
         "seconds": time.perf_counter() - t0,

@@ -46,10 +46,11 @@ def _rss_mb() -> float:
 
 
 def one_epoch(ds, *, sensitivity: str, method: str, batch_size: int, full_record: bool, trace: bool) -> dict:
+    """Time one training epoch of EXP-HYDRO dPL over the data set ``ds``."""
     T = ds.n_steps
     kw = dict(epochs=1, batch_size=batch_size, method=method, sensitivity=sensitivity, lr=1e-3,
               patience=None, hidden=(32, 32), parameter_bounds=TWIN_BOUNDS if method == "euler" else None,
-              val_every=10**9)  # validation only after the (single) epoch: timed separately below
+              val_every=10**9, final_metrics=False)  # validation after the epoch is not timed
     if full_record:
         kw.update(window=None, warmup=365)
     else:
@@ -77,7 +78,8 @@ def one_epoch(ds, *, sensitivity: str, method: str, batch_size: int, full_record
 def ddp_worker(rank: int, world: int, spec: dict, out: str) -> None:
     syn = make_synthetic_basins(spec["basins"], spec["years"], seed=0, method=spec["method"])
     kw = dict(epochs=1, batch_size=spec["batch"], method=spec["method"], sensitivity=spec["sensitivity"],
-              lr=1e-3, patience=None, window=365, warmup=365, parameter_bounds=TWIN_BOUNDS, val_every=10**9)
+              lr=1e-3, patience=None, window=365, warmup=365, parameter_bounds=TWIN_BOUNDS, val_every=10**9,
+              final_metrics=False)
     D.all_reduce_sum(torch.zeros(1))  # start together
     res = train_regional(exphydro(), syn.dataset, **kw)
     if rank == 0:
@@ -91,10 +93,25 @@ def ddp_run(nprocs: int, spec: dict) -> float:
             syn = make_synthetic_basins(spec["basins"], spec["years"], seed=0, method=spec["method"])
             res = train_regional(exphydro(), syn.dataset, epochs=1, batch_size=spec["batch"], method=spec["method"],
                                  sensitivity=spec["sensitivity"], lr=1e-3, patience=None, window=365, warmup=365,
-                                 parameter_bounds=TWIN_BOUNDS, val_every=10**9)
+                                 parameter_bounds=TWIN_BOUNDS, val_every=10**9, final_metrics=False)
             return res.history[0]["train_seconds"]
         D.spawn_local(ddp_worker, nprocs, spec, out)
         return json.loads(Path(out).read_text())["epoch_s"]
+
+
+def _row_in_subprocess(h5: str, a, sensitivity: str, batch: int) -> dict:
+    """One epoch in a fresh process, so that its peak resident memory is its own."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--row", h5, sensitivity, str(batch), "--method", a.method]
+    if a.full_record:
+        cmd.append("--full-record")
+    if a.trace:
+        cmd.append("--trace")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -110,27 +127,48 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ddp", action="store_true")
     ap.add_argument("--full-record", action="store_true", help="simulate the whole record in each batch")
     ap.add_argument("--trace", action="store_true", help="tracemalloc peak (slow: traces every allocation)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed for one row")
+    ap.add_argument("--row", nargs=3, metavar=("H5", "SENSITIVITY", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.row:
+        from adjointhydro.data import read_hdf5
+
+        ds = read_hdf5(a.row[0])
+        r = one_epoch(ds, sensitivity=a.row[1], method=a.method, batch_size=int(a.row[2]),
+                      full_record=a.full_record, trace=a.trace)
+        print(json.dumps(r))
+        return 0
     print(f"# bench_regional {time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.perf_counter()
     syn = make_synthetic_basins(a.basins, a.years, seed=0, method=a.method)
     print(f"# generated {a.basins} basins x {a.years} years in {time.perf_counter() - t0:.1f} s", flush=True)
-    ds = syn.dataset
-    print("\n| basins | years | sensitivity | method | basins/batch | epoch s | basin-days/s | peak RSS MB | RSS growth MB |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    from adjointhydro.data import write_hdf5
+
+    tmpdir = tempfile.TemporaryDirectory()
+    h5 = os.path.join(tmpdir.name, "synthetic.h5")
+    write_hdf5(syn.dataset, h5)
+    del syn
+    print("\n| basins | years | sensitivity | method | basins/batch | epoch s | basin-days/s | peak RSS MB |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|")
     for s in a.sensitivities:
-        r = one_epoch(ds, sensitivity=s, method=a.method, batch_size=a.batch, full_record=a.full_record, trace=a.trace)
+        r = _row_in_subprocess(h5, a, s, a.batch)
+        if "error" in r:
+            print(f"| {a.basins} | {a.years} | {s} | {a.method} | {a.batch} | failed: {r['error']} | | |", flush=True)
+            continue
         print(f"| {r['basins']} | {r['years']} | {s} | {a.method} | {r['batch']} | {r['epoch_s']:.1f} | "
-              f"{r['basin_days_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} |", flush=True)
+              f"{r['basin_days_per_s']:,.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
     if a.batch_sizes:
-        print("\n| basins/batch | epoch s | basin-days/s | sensitivity |")
-        print("|---:|---:|---:|---|")
+        print("\n| basins/batch | epoch s | basin-days/s | peak RSS MB | sensitivity |")
+        print("|---:|---:|---:|---:|---|")
         for bsz in a.batch_sizes:
-            r = one_epoch(ds, sensitivity="checkpoint", method=a.method, batch_size=bsz,
-                          full_record=a.full_record, trace=False)
-            print(f"| {bsz} | {r['epoch_s']:.1f} | {r['basin_days_per_s']:,.0f} | checkpoint |", flush=True)
+            r = _row_in_subprocess(h5, a, "checkpoint", bsz)
+            if "error" in r:
+                print(f"| {bsz} | failed: {r['error']} | | | checkpoint |", flush=True)
+                continue
+            print(f"| {bsz} | {r['epoch_s']:.1f} | {r['basin_days_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | "
+                  f"checkpoint |", flush=True)
     if not a.no_ddp:
         spec = {"basins": a.ddp_basins, "years": a.ddp_years, "method": a.method, "batch": a.ddp_basins,
                 "sensitivity": "checkpoint"}
