@@ -16,6 +16,7 @@ traceback). Ctrl-C during training leaves a run that ``resume`` continues (exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -238,7 +239,9 @@ def _cmd_inspect(args, log) -> int:
     if verdict:
         md = out_dir / "report.md"
         text = md.read_text(encoding="utf-8")
-        md.write_text(text.rstrip("\n") + "\n\n## Verdict\n\n" + verdict + "\n", encoding="utf-8")
+        tmp = md.with_name(f".{md.name}.tmp")
+        tmp.write_text(text.rstrip("\n") + "\n\n## Verdict\n\n" + verdict + "\n", encoding="utf-8")
+        os.replace(tmp, md)
     print("")
     for name, fi in report.fluxes.items():
         c = fi.chosen
@@ -247,13 +250,22 @@ def _cmd_inspect(args, log) -> int:
     res = report.resimulation
     if res is not None and res.metrics:
         print("")
-        print(f"{'period':<12}{'hybrid NSE':>12}{'symbolic NSE':>14}{'hybrid KGE':>12}{'symbolic KGE':>14}")
+        recal = any(r["model"] == "recalibrated" for r in res.metrics)
+        print(f"{'period':<12}{'hybrid NSE':>12}{'symbolic NSE':>14}{'hybrid KGE':>12}{'symbolic KGE':>14}"
+              + (f"{'recalibrated NSE':>18}{'recalibrated KGE':>18}" if recal else ""))
         for period in masks:
             try:
                 h, y = res.get(period, "hybrid"), res.get(period, "symbolic")
             except KeyError:
                 continue
-            print(f"{period:<12}{h['nse']:>12.3f}{y['nse']:>14.3f}{h['kge']:>12.3f}{y['kge']:>14.3f}")
+            line = f"{period:<12}{h['nse']:>12.3f}{y['nse']:>14.3f}{h['kge']:>12.3f}{y['kge']:>14.3f}"
+            if recal:
+                try:
+                    z = res.get(period, "recalibrated")
+                    line += f"{z['nse']:>18.3f}{z['kge']:>18.3f}"
+                except KeyError:
+                    pass
+            print(line)
     elif res is not None and res.error:
         print(f"re-simulation failed: {res.error}")
     if verdict:
@@ -295,10 +307,18 @@ def _inspect_verdict(report, masks) -> str:
         return f"No finite NSE on the {period} period (hybrid {h}, symbolic {y})."
     diff = h - y
     tol = INSPECT_NSE_TOLERANCE
+    recal = ""
+    try:
+        z = res.get(period, "recalibrated")["nse"]
+        recal = (f" With its constants recalibrated through the ODE on the training period the symbolic "
+                 f"model reaches NSE {z:.3f} on the {period} period (difference {h - z:+.3f}, "
+                 f"{'within' if h - z <= tol else 'not within'} {tol}).")
+    except KeyError:
+        pass
     if diff <= tol:
         return (f"On the {period} period the symbolic model reaches NSE {y:.3f} against the hybrid's {h:.3f} "
                 f"(difference {diff:+.3f}): within {tol} NSE, so the chosen expressions reproduce the networks' "
-                f"effect on discharge.")
+                f"effect on discharge." + recal)
     worst = min(report.fluxes.values(), key=lambda fi: fi.chosen.r2)
     unused = []
     for fi in report.fluxes.values():
@@ -314,7 +334,7 @@ def _inspect_verdict(report, masks) -> str:
     return (f"On the {period} period the symbolic model reaches NSE {y:.3f} against the hybrid's {h:.3f} "
             f"(difference {diff:+.3f}): NOT within {tol} NSE, so the networks cannot be replaced by these "
             f"expressions without loss.{why} Remedies: a candidate with more terms from the tables above, or "
-            f"`--recalibrate` (refits the constants through the ODE on the training period).")
+            f"`--recalibrate` (refits the constants through the ODE on the training period)." + recal)
 
 
 _COMMANDS = {
