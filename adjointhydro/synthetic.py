@@ -380,7 +380,7 @@ def twin_experiment(
     test it on the ``n_basins - n_train`` held-out ones.
 
     Year 1 is warm-up, years 2 .. ``years - 1`` train, the last year validates (early
-    stopping). With ``window=None`` (default) every mini-batch is simulated from the start
+    stopping; with ``years=2`` the second year trains and there is no validation period). With ``window=None`` (default) every mini-batch is simulated from the start
     of the record, so its states match those of the true run; with ``window`` days, each
     batch starts a 365-day warm-up from the model's initial state (soil at ``Smax``,
     no snow) at a random date, which the true run did not do: a small model error. Held-out basins are simulated over
@@ -410,14 +410,17 @@ def twin_experiment(
     t0 = time.perf_counter()
     if not 1 <= n_train < n_basins:
         raise ValueError(f"need 1 <= n_train < n_basins, got n_train={n_train}, n_basins={n_basins}")
-    if years < 3:
-        raise ValueError(f"the twin needs at least 3 years (warm-up, training, validation), got {years}")
+    if years < 2:
+        raise ValueError(f"the twin needs at least 2 years (warm-up, training), got {years}")
     syn = make_synthetic_basins(n_basins, years, seed=seed, method=method, noise=noise)
     ds = syn.dataset
     T = ds.n_steps
     k = np.arange(T)
-    train_mask = (k >= 365) & (k < T - 365)
-    val_mask = k >= T - 365
+    if years >= 3:
+        train_mask = (k >= 365) & (k < T - 365)
+        val_mask = k >= T - 365
+    else:  # two years: train on the second, no separate validation period
+        train_mask, val_mask = k >= 365, None
     score = k >= 365
     rng = np.random.default_rng(seed + 1)
     order = rng.permutation(n_basins)

@@ -18,7 +18,7 @@ def test_shard_partitions_contiguously():
     parts = [D.shard(items, r, 3) for r in range(3)]
     assert sum(parts, []) == items
     assert sorted(len(p) for p in parts) == [3, 4, 4]
-    assert D.shard([1], 1, 2) == []  # more processes than items: an empty shard
+    assert D.shard([1], 0, 2) == [] and D.shard([1], 1, 2) == [1]  # more processes than items
     assert D.world_size() == 1 and D.rank() == 0 and not D.is_distributed()
     assert D.init_distributed() == (0, 1, torch.device("cpu"))  # no torchrun variables: single process
 
