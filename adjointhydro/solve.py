@@ -98,7 +98,7 @@ class CheckpointedAdjoint:
             match (training loops: parameters change little between steps).
     """
 
-    max_rows: int = 32768
+    max_rows: int = 4096
     parallel_forward: bool | None = None
     max_newton: int = 30
     warm_start: bool = True

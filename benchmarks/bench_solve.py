@@ -102,6 +102,22 @@ def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, time
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_diffrax(python: str, basins: int, years: int, repeat: int, timeout: float) -> dict:
+    """The same problem in diffrax (bench_diffrax.py), with a Python that has jax and diffrax."""
+    import os
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_diffrax.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    try:
+        out = subprocess.run([python, script, "--basins", str(basins), "--years", str(years), "--repeat",
+                              str(repeat), "--json"], capture_output=True, text=True, timeout=timeout, env=env)
+    except (subprocess.TimeoutExpired, OSError) as e:
+        return {"error": f"> {timeout:.0f} s" if isinstance(e, subprocess.TimeoutExpired) else str(e)[:60]}
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:60]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--basins", type=int, nargs="+", default=[1, 64, 256])
@@ -111,6 +127,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is skipped")
+    ap.add_argument("--diffrax", metavar="PYTHON", default=None,
+                    help="also run the diffrax version (bench_diffrax.py) with this Python, which must have "
+                         "jax and diffrax; compile time excluded")
     args = ap.parse_args()
     import torch
 
@@ -121,8 +140,12 @@ def main() -> None:
     for years in args.years:
         for basins in args.basins:
             base = None
-            for sens in args.sensitivities:
-                r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout)
+            cases = list(args.sensitivities) + (["diffrax"] if args.diffrax else [])
+            for sens in cases:
+                if sens == "diffrax":
+                    r = run_diffrax(args.diffrax, basins, years, args.repeat, args.timeout)
+                else:
+                    r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout)
                 if "error" in r:
                     print(f"{basins:>6} {years:>5} {sens:>15} {r['error']:>40}", flush=True)
                     continue
