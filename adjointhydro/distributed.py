@@ -229,12 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .regional import train_regional
         from .synthetic import make_synthetic_basins
 
+        from .synthetic import TWIN_BOUNDS
+
+        extra: dict = {}
         if a.data:
             ds = read_hdf5(a.data)
         else:
             ds = make_synthetic_basins(a.synthetic, a.years, seed=a.seed, method=a.method).dataset
+            extra["parameter_bounds"] = TWIN_BOUNDS  # keeps fixed one-day steps stable
         res = train_regional(
-            exphydro(), ds, attribute_names=a.attributes, epochs=a.epochs, batch_size=a.batch_size,
+            exphydro(), ds, attribute_names=a.attributes, epochs=a.epochs, batch_size=a.batch_size, **extra,
             window=a.window, warmup=a.warmup, lr=a.lr, loss=a.loss, method=a.method,
             sensitivity=a.sensitivity, seed=a.seed, out_dir=a.out, progress=True,
         )
