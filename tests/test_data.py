@@ -458,6 +458,7 @@ def test_camels_forcing_and_streamflow_without_common_period_name_both(camels_co
         load_camels_us(camels_copy)
 
 
+@pytest.mark.filterwarnings("ignore:.*no camels_attributes")
 def test_camels_basin_without_observations_is_named_and_kept_as_nan(camels_copy):
     path = _streamflow(camels_copy, "01022500")
     lines = path.read_text().splitlines()
