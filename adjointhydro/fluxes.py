@@ -170,7 +170,8 @@ class _NeuralBase(nn.Module):
                         raise ValueError(f"scale for input {n!r} must be positive, got {s}")
                     self.input_scale[i] = s
 
-    def _raw(self, v: Vars) -> torch.Tensor:
+    def _net_out(self, v: Vars) -> torch.Tensor:
+        """The network's raw outputs ``[rows, n_out]`` for normalised inputs."""
         try:
             x = torch.stack([v[n] for n in self._inputs], dim=-1)
         except KeyError as e:
@@ -179,8 +180,14 @@ class _NeuralBase(nn.Module):
                 f"available: {sorted(v)}"
             ) from None
         x = (x - self.input_loc.to(x.dtype)) / self.input_scale.to(x.dtype)
+        return self.net(x)
+
+    def _raw(self, v: Vars) -> torch.Tensor:
+        return self._positive(self._net_out(v))
+
+    def _positive(self, z: torch.Tensor) -> torch.Tensor:
         # softplus / log 2 maps a zero net output to exactly output_scale; always >= 0
-        return nn.functional.softplus(self.net(x)) * (self.output_scale.to(x.dtype) / math.log(2.0))
+        return nn.functional.softplus(z) * (self.output_scale.to(z.dtype) / math.log(2.0))
 
     def _limit(self, out: torch.Tensor, v: Vars, i: int) -> torch.Tensor:
         store = self.limit_by[i]
@@ -246,10 +253,26 @@ class NeuralFlux(_NeuralBase, Flux):
 class NeuralFluxGroup(_NeuralBase):
     """One network that gives several fluxes at once (e.g. Hoge et al.'s M100).
 
+    Every output is non-negative: ``output_scale * softplus(z) / log(2)`` of its raw
+    network output ``z``, optionally times a ``limit_by`` factor, as for
+    :class:`NeuralFlux`. Outputs named in ``partition`` are instead shares of a
+    variable: for ``partition={"P": ("snowfall", "rainfall")}``
+
+        ``(snowfall, rainfall) = softmax(z_snowfall, z_rainfall) * P``
+
+    so they are non-negative (for ``P >= 0``) and sum exactly (to rounding) to ``P``
+    whatever the weights and inputs: the network decides how P is split, never how
+    much of it there is. An untrained network (zero last layer) splits equally.
+
     Args:
         fluxes: ``(name, source, target)`` for each output.
         inputs, hidden, ...: as for :class:`NeuralFlux`; ``output_scale`` and
-            ``limit_by`` may be given per output.
+            ``limit_by`` may be given per output (both are ignored for, resp. must be
+            ``None`` for, partitioned outputs).
+        partition: variable name -> names of the outputs that split it (each output
+            in at most one group). The variable is read by name like an input (a
+            forcing variable, store, parameter or earlier flux); it need not be one
+            of ``inputs``.
     """
 
     def __init__(
@@ -266,6 +289,7 @@ class NeuralFluxGroup(_NeuralBase):
         limit_scale: float = 1.0,
         units: str = "mm/day",
         name: str = "network",
+        partition: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__(
             inputs, len(fluxes), hidden, activation, input_loc, input_scale, output_scale,
@@ -274,6 +298,26 @@ class NeuralFluxGroup(_NeuralBase):
         self._wiring = tuple((str(n), s, t) for n, s, t in fluxes)
         self.name = name
         self.units = units
+        names = [w[0] for w in self._wiring]
+        if len(self.limit_by) != len(names):
+            raise ValueError(f"limit_by needs {len(names)} values, got {len(self.limit_by)}")
+        groups: list[tuple[str, tuple[int, ...]]] = []
+        seen: set[str] = set()
+        for var, members in (partition or {}).items():
+            members = (members,) if isinstance(members, str) else tuple(members)
+            if not members:
+                raise ValueError(f"partition of {var!r} names no outputs")
+            for m in members:
+                if m not in names:
+                    raise ValueError(f"partition of {var!r}: {m!r} is not an output; outputs: {names}")
+                if m in seen:
+                    raise ValueError(f"partition: output {m!r} is in more than one group")
+                if self.limit_by[names.index(m)] is not None:
+                    raise ValueError(f"partition: output {m!r} cannot also have limit_by "
+                                     f"(its share of {var!r} would no longer sum to it)")
+                seen.add(m)
+            groups.append((str(var), tuple(names.index(m) for m in members)))
+        self._partition = tuple(groups)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -283,9 +327,32 @@ class NeuralFluxGroup(_NeuralBase):
     def wiring(self) -> tuple[tuple[str, str | None, str | None], ...]:
         return self._wiring
 
+    @property
+    def partition(self) -> dict[str, tuple[str, ...]]:
+        """Variable -> names of the outputs that split it (empty without a partition)."""
+        names = self.names
+        return {var: tuple(names[i] for i in idx) for var, idx in self._partition}
+
     def forward(self, v: Vars) -> torch.Tensor:
-        out = self._raw(v)
-        if any(s is not None for s in self.limit_by):
-            cols = [self._limit(out[..., i], v, i) for i in range(out.shape[-1])]
-            out = torch.stack(cols, dim=-1)
-        return out
+        if not self._partition:
+            out = self._raw(v)
+            if any(s is not None for s in self.limit_by):
+                cols = [self._limit(out[..., i], v, i) for i in range(out.shape[-1])]
+                out = torch.stack(cols, dim=-1)
+            return out
+        z = self._net_out(v)
+        pos = self._positive(z)
+        cols: list[torch.Tensor | None] = [None] * z.shape[-1]
+        for var, idx in self._partition:
+            try:
+                total = v[var]
+            except KeyError:
+                raise KeyError(f"partition variable {var!r} is not a store, forcing, parameter or "
+                               f"earlier flux; available: {sorted(v)}") from None
+            share = torch.softmax(z[..., list(idx)], dim=-1) * total.to(z.dtype)[..., None]
+            for k, i in enumerate(idx):
+                cols[i] = share[..., k]
+        for i in range(len(cols)):
+            if cols[i] is None:
+                cols[i] = self._limit(pos[..., i], v, i)
+        return torch.stack(cols, dim=-1)

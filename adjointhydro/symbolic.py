@@ -572,9 +572,9 @@ def _flux_module_and_column(model: Model, name: str) -> tuple[nn.Module, int | N
 
 
 def _module_inputs(mod: nn.Module) -> list[str]:
-    """Declared inputs of a flux module plus stores read by its ``limit_by``."""
+    """Declared inputs of a flux module plus stores read by its ``limit_by`` (and variables it partitions)."""
     names = list(getattr(mod, "inputs", ()))
-    for s in getattr(mod, "limit_by", ()) or ():
+    for s in [*(getattr(mod, "limit_by", ()) or ()), *(getattr(mod, "partition", None) or {})]:
         if s is not None and s not in names:
             names.append(s)
     return names

@@ -126,7 +126,11 @@ def exphydro_m100(
     """M100: one network gives every flux of EXP-HYDRO (snow version; Hoge et al. 2022).
 
     Inputs: snow, soil, P, T, PET. The store structure, and so the mass balance,
-    stays; only the fluxes are learned.
+    stays; only the fluxes are learned. Snowfall and rainfall are the network's
+    split of P (a softmax of two outputs times P, ``partition={"P": ...}`` of
+    :class:`NeuralFluxGroup`), so they sum to the observed precipitation exactly and
+    the network cannot create or lose water at the input; melt is limited by the
+    snow store, ET and Q by the soil store.
     """
     base = exphydro(snow=True, smoothing=smoothing)
     names = ["snowfall", "rainfall", "melt", "et", "Q"]
@@ -138,6 +142,7 @@ def exphydro_m100(
         input_scale={"snow": 50.0, "soil": soil_scale / 2, "P": 5.0, "T": 10.0, "PET": 2.0},
         output_scale=[1.0, 2.0, 1.0, 1.5, 1.0],
         limit_by=[None, None, "snow", "soil", "soil"],
+        partition={"P": ("snowfall", "rainfall")},
         name="M100",
     )
     model = base.replace_flux(group)
