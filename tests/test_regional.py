@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adjointhydro.metrics import kge, nse
+from adjointhydro.metrics import kge
 from adjointhydro.models import EXPHYDRO_PARAMETERS, exphydro
 from adjointhydro.regional import (
     AttributeParameters,
