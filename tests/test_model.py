@@ -173,3 +173,89 @@ def test_unknown_method_and_sensitivity():
         solve(exphydro(), f, method="rk45")
     with pytest.raises(ValueError, match="unknown sensitivity"):
         solve(exphydro(), f, sensitivity="backsolve")
+
+
+# ------------------------------------------------------------- M100 partition of P
+def _randomise(module, std=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def test_m100_group_partition_conserves_precipitation():
+    """snowfall + rainfall == P exactly for random inputs and random weights (M100)."""
+    from adjointhydro import Vars
+
+    m100 = exphydro_m100(hidden=(16, 16))
+    group = m100.neural_fluxes()[0]
+    assert group.partition == {"P": ("snowfall", "rainfall")}
+    g = torch.Generator().manual_seed(1)
+    n = 2000
+    for seed in range(5):
+        _randomise(group, std=3.0, seed=seed)
+        v = Vars(snow=torch.rand(n, generator=g, dtype=torch.float64) * 1000 - 10,
+                 soil=torch.rand(n, generator=g, dtype=torch.float64) * 2000 - 10,
+                 P=torch.rand(n, generator=g, dtype=torch.float64) * 80 * (torch.rand(n, generator=g) > 0.3),
+                 T=torch.randn(n, generator=g, dtype=torch.float64) * 15,
+                 PET=torch.rand(n, generator=g, dtype=torch.float64) * 8)
+        out = group(v)
+        snowfall, rainfall, melt, et, q = out.unbind(-1)
+        assert torch.allclose(snowfall + rainfall, v.P, rtol=0, atol=1e-12)
+        assert (out >= 0).all()
+        assert (out[v.P == 0][:, :2] == 0).all()
+        # melt limited by snow, et and Q by soil, as before
+        assert (melt[v.snow <= 0] == 0).all() and (et[v.soil <= 0] == 0).all() and (q[v.soil <= 0] == 0).all()
+
+
+def test_group_partition_general_and_backward_compatible():
+    from adjointhydro import Vars
+
+    wiring = [("a", None, "S"), ("b", None, "S"), ("c", None, "S"), ("d", "S", None)]
+    kw = dict(hidden=(8,), input_loc={"x": 1.0}, input_scale={"x": 2.0}, output_scale=[1.0, 2.0, 3.0, 4.0],
+              limit_by=[None, None, None, "S"], name="net")
+    torch.manual_seed(0)
+    plain = NeuralFluxGroup(wiring, ["x", "S"], **kw).double()
+    torch.manual_seed(0)
+    part = NeuralFluxGroup(wiring, ["x", "S"], partition={"R": ["a", "b", "c"]}, **kw).double()
+    assert plain.partition == {}
+    _randomise(plain)
+    part.load_state_dict(plain.state_dict())  # same parameters and buffers
+    v = Vars(x=torch.randn(50, dtype=torch.float64), S=torch.rand(50, dtype=torch.float64) * 10,
+             R=torch.rand(50, dtype=torch.float64) * 5)
+    p, q = plain(v), part(v)
+    assert torch.allclose(q[:, :3].sum(-1), v.R, rtol=0, atol=1e-12)
+    assert torch.equal(p[:, 3], q[:, 3])  # outputs outside the partition are unchanged
+    # an untrained network (zero last layer) splits equally
+    fresh = NeuralFluxGroup(wiring, ["x", "S"], partition={"R": ["a", "b", "c"]}, **kw).double()
+    with torch.no_grad():
+        fresh.net[-1].weight.zero_()
+    assert torch.allclose(fresh(v)[:, :3], v.R[:, None].expand(-1, 3) / 3)
+    with pytest.raises(ValueError, match="not an output"):
+        NeuralFluxGroup(wiring, ["x"], partition={"R": ["a", "zz"]})
+    with pytest.raises(ValueError, match="more than one group"):
+        NeuralFluxGroup(wiring, ["x"], partition={"R": ["a", "b"], "Q": ["b", "c"]})
+    with pytest.raises(ValueError, match="limit_by"):
+        NeuralFluxGroup(wiring, ["x"], partition={"R": ["c", "d"]}, limit_by=[None, None, None, "S"])
+    with pytest.raises(KeyError, match="partition variable 'R'"):
+        part(Vars(x=v.x, S=v.S))
+
+
+def test_m100_partition_mass_balance_and_gradients():
+    """An M100 solve keeps the mass balance, its inflow is P, and gradients reach the group's weights."""
+    torch.manual_seed(0)
+    m100 = exphydro_m100(hidden=(8, 8))
+    group = m100.neural_fluxes()[0]
+    _randomise(group, std=0.5, seed=3)
+    forcing = synthetic_forcing(2, 120)
+    sol = solve(m100, forcing, sensitivity="checkpoint")
+    assert float(sol.mass_balance_error().detach().abs().max()) < 1e-8
+    inflow = (sol.flux("snowfall") + sol.flux("rainfall")).detach()
+    assert torch.allclose(inflow, forcing["P"] * forcing.step, rtol=1e-6, atol=1e-9)
+    loss = sol.stores[..., -1].sum() + sol.stores.pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in group.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert sum(float(gr.abs().sum()) for gr in grads) > 0
+    # the first layer's weights on P and T (which decide the split) get gradient too
+    assert float(group.net[0].weight.grad.abs().sum()) > 0
