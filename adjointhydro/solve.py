@@ -88,8 +88,9 @@ class CheckpointedAdjoint:
 
     Args:
         max_rows: at most this many (basin x period) rows are solved at once in the
-            parallel forward and backward passes; bounds memory independently of the
-            record length.
+            parallel forward and backward passes (the backward pass takes at least 32
+            periods of the batch at a time); bounds memory independently of the record
+            length.
         parallel_forward: solve the periods of a window in parallel by Newton's method
             (``None``: automatically for small batches, where per-step overhead dominates);
             falls back to the sequential solve if Newton does not converge.
@@ -463,7 +464,8 @@ class _CheckpointedSolve(torch.autograd.Function):
         g_f = torch.zeros_like(fvals) if need_f else None
         g_w = [torch.zeros_like(w) if nw else None for w, nw in zip(weights, w_need)]
         lam = gY[:, T].clone()
-        C = max(1, ctx.max_rows // max(B * (n + 1), 1))
+        # at least 32 periods a chunk: per-chunk overhead dominates big batches otherwise
+        C = max(32, ctx.max_rows // max(B * (n + 1), 1))
         dev = Y.device
         for k1 in range(T, 0, -C):
             k0 = max(0, k1 - C)
