@@ -214,6 +214,7 @@ def test_fast_twin_learns_parameters_from_attributes():
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_twin_at_scale_recovers_the_attribute_parameter_map():
     """Issue 5: 200 basins (150 train, 50 held out): R2 >= 0.8 for each identifiable
     parameter on the held-out basins and median NSE >= 0.9 (figures in docs/regional.md)."""
