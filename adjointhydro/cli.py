@@ -9,6 +9,11 @@
     adjointhydro simulate CONFIG     forward run of M0 with default or given parameters (no training)
     adjointhydro inspect RUN         symbolic inspection of the hybrid's networks (into RUN/inspect)
 
+A configuration with a ``[regional]`` section trains one model for many basins
+(parameters learned from catchment attributes, dPL; :mod:`adjointhydro.regional_runs`):
+``train``, ``resume`` and ``evaluate`` then write and print per-basin metrics and
+their distribution (median and quartiles per period; CDF plots in RUN/plots).
+
 Problems with the configuration, the data, the model or the solver are reported
 as one line ``adjointhydro: error: ...`` with exit status 2 (``--debug`` shows the
 traceback). Ctrl-C during training leaves a run that ``resume`` continues (exit 130).
@@ -120,12 +125,30 @@ def _print_summary(metrics: dict, out) -> None:
     print(summary_table(metrics), file=out)
 
 
+def _print_regional(run_dir, t0: float | None = None) -> None:
+    from .regional_runs import read_regional_metrics, regional_summary_table
+
+    metrics = read_regional_metrics(run_dir)
+    print("")
+    print(f"per-basin metrics ({len(metrics)} basins): distribution over basins")
+    print(regional_summary_table(metrics))
+    tail = f" ({time.perf_counter() - t0:.0f} s)" if t0 is not None else ""
+    print(f"\nrun folder: {run_dir}{tail}")
+
+
 def _cmd_train(args, log) -> int:
     from .config import load_config
     from .runs import read_metrics, train
 
     t0 = time.perf_counter()
     cfg = load_config(args.config)
+    if cfg.regional is not None:
+        from .regional_runs import train_regional_run
+
+        run_dir = train_regional_run(cfg, output_dir=args.output_dir, progress=not args.quiet,
+                                     on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
+        _print_regional(run_dir, t0)
+        return 0
     run_dir = train(cfg, output_dir=args.output_dir, progress=not args.quiet,
                     on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
     _print_summary(read_metrics(run_dir), sys.stdout)
@@ -137,6 +160,16 @@ def _cmd_resume(args, log) -> int:
     from .runs import read_metrics, resume
 
     t0 = time.perf_counter()
+    from .regional_runs import is_regional_run
+
+    if Path(args.run).is_dir() and (Path(args.run) / "run.json").is_file() and is_regional_run(args.run):
+        from .runs import load_run_config
+        from .regional_runs import train_regional_run
+
+        run_dir = train_regional_run(load_run_config(args.run), run_dir=args.run, progress=not args.quiet,
+                                     on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
+        _print_regional(run_dir, t0)
+        return 0
     run_dir = resume(args.run, progress=not args.quiet, on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
     _print_summary(read_metrics(run_dir), sys.stdout)
     print(f"\nrun folder: {run_dir} ({time.perf_counter() - t0:.0f} s)")
@@ -145,7 +178,12 @@ def _cmd_resume(args, log) -> int:
 
 def _cmd_evaluate(args, log) -> int:
     from .runs import evaluate
+    from .regional_runs import evaluate_regional_run, is_regional_run
 
+    if Path(args.run).is_dir() and (Path(args.run) / "run.json").is_file() and is_regional_run(args.run):
+        evaluate_regional_run(args.run, log=log)
+        _print_regional(args.run)
+        return 0
     metrics = evaluate(args.run, log=log)
     _print_summary(metrics, sys.stdout)
     return 0
@@ -178,6 +216,10 @@ def _cmd_inspect(args, log) -> int:
     except ImportError as e:
         raise RunError(f"symbolic inspection is not available (adjointhydro.symbolic: {e})") from None
     t_all = time.perf_counter()
+    from .regional_runs import is_regional_run
+
+    if Path(args.run).is_dir() and (Path(args.run) / "run.json").is_file() and is_regional_run(args.run):
+        raise RunError(f"{args.run}: a regional run; inspect works on single-basin hybrid runs")
     lr = load_run(args.run)
     if lr.hybrid is None:
         raise RunError(f"{args.run}: a physics-only run ({lr.physics.name}) has no networks to inspect")

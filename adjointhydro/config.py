@@ -66,6 +66,24 @@ to the configuration file::
     train_parameters = false       # also train the physical parameters left in the hybrid
     grad_clip = 1.0
 
+    [regional]                     # multi-basin training (dPL): its presence makes `train` regional;
+    attributes = ["p_mean", "aridity"]   # (required) static attributes the parameter network reads
+    hidden = [32, 32]              # hidden layers of the parameter network (model.hidden: the hybrid's)
+    epochs = 50
+    lr = 1e-2
+    lr_schedule = "cosine"         # cosine | constant
+    patience = 10                  # epochs without a better validation loss
+    loss = "nse"                   # nse (NSE*) | kge | mse
+    batch_basins = 32              # basins per mini-batch
+    window = 365                   # scored days per training window (0: the whole training period)
+    warmup = 365                   # days simulated before each window, not scored
+    grad_clip = 1.0
+    val_every = 1                  # validate every this many epochs
+
+A regional run takes model.name = "exphydro" (parameters from attributes, dPL) or
+"exphydro_m50" (whose networks also read the attributes), data with attributes
+(camels_us, hdf5) and no [calibration] or [training] section.
+
 :func:`load_config` checks everything it can before any solve: unknown keys (with
 a did-you-mean), wrong types, unknown names (model, loss, method, sensitivity,
 optimizer, flux), missing files, empty or misordered periods and, by loading the
@@ -96,6 +114,7 @@ __all__ = [
     "SolverConfig",
     "CalibrationConfig",
     "TrainingConfig",
+    "RegionalConfig",
     "load_config",
     "parse_config",
     "load_dataset",
@@ -250,6 +269,26 @@ class TrainingConfig:
 
 
 @dataclass
+class RegionalConfig:
+    attributes: list[str] | None = None
+    hidden: list[int] = field(default_factory=lambda: [32, 32])
+    epochs: int = 50
+    lr: float = 1e-2
+    lr_schedule: str = "cosine"
+    patience: int = 10
+    loss: str = "nse"
+    batch_basins: int = 32
+    window: int = 365
+    warmup: int = 365
+    grad_clip: float = 1.0
+    val_every: int = 1
+
+
+#: Models a regional run can train.
+REGIONAL_MODELS = ("exphydro", "exphydro_m50")
+
+
+@dataclass
 class Config:
     """A validated run configuration (see the module docstring for the keys)."""
 
@@ -260,6 +299,8 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    #: set when the configuration has a [regional] section (multi-basin training)
+    regional: RegionalConfig | None = None
     #: the file it was read from (None for a config made in code)
     path: Path | None = None
     #: the text of that file (copied into run folders)
@@ -289,6 +330,7 @@ _SECTIONS = {
     "solver": SolverConfig,
     "calibration": CalibrationConfig,
     "training": TrainingConfig,
+    "regional": RegionalConfig,
 }
 
 # kinds: str, int, float, bool, date, path, str_list, int_list, str_map, str_list_map, float_map
@@ -315,6 +357,11 @@ _KINDS: dict[str, dict[str, str]] = {
         "epochs": "int", "lr": "float", "lr_schedule": "str", "patience": "int", "loss": "str",
         "pretrain_epochs": "int", "pretrain_lr": "float", "train_parameters": "bool",
         "grad_clip": "float",
+    },
+    "regional": {
+        "attributes": "str_list", "hidden": "int_list", "epochs": "int", "lr": "float",
+        "lr_schedule": "str", "patience": "int", "loss": "str", "batch_basins": "int",
+        "window": "int", "warmup": "int", "grad_clip": "float", "val_every": "int",
     },
 }
 
@@ -506,6 +553,9 @@ def parse_config(
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {sec}: expected a section [{sec}], got {_type_name(value)} {_show(value)}")
         obj = getattr(cfg, sec)
+        if obj is None:  # [regional]
+            obj = _SECTIONS[sec]()
+            setattr(cfg, sec, obj)
         kinds = _KINDS[sec]
         for key, v in value.items():
             if key not in kinds:
@@ -513,6 +563,11 @@ def parse_config(
             setattr(obj, key, _coerce(where, f"{sec}.{key}", kinds[key], v, base))
     if cfg.run.output_dir == Path("runs"):
         cfg.run.output_dir = base / "runs"
+    if cfg.regional is not None:
+        for sec in ("calibration", "training"):
+            if sec in raw:
+                raise ConfigError(f"{where}: [{sec}]: not used in a regional run ([regional] is set); "
+                                  f"put the training settings in [regional]")
     _check_static(cfg)
     if check_data:
         cfg.dataset()
@@ -709,6 +764,45 @@ def _check_static(cfg: Config) -> None:
     _positive(cfg, "training.pretrain_epochs", t.pretrain_epochs, allow_zero=True)
     _positive(cfg, "training.pretrain_lr", t.pretrain_lr)
     _positive(cfg, "training.grad_clip", t.grad_clip)
+    if cfg.regional is not None:
+        _check_regional(cfg)
+
+
+def _check_regional(cfg: Config) -> None:
+    from .regional import REGIONAL_LOSSES
+
+    g, m, d = cfg.regional, cfg.model, cfg.data
+    if g.attributes is None:
+        raise cfg.error("regional.attributes", "required: the static attributes the parameter network reads, "
+                        "e.g. attributes = [\"p_mean\", \"aridity\"]")
+    if not g.attributes:
+        raise cfg.error("regional.attributes", "is empty; list at least one attribute")
+    if m.name not in REGIONAL_MODELS:
+        raise cfg.error("model.name", f"a regional run trains {' or '.join(repr(x) for x in REGIONAL_MODELS)}, "
+                        f"not {m.name!r}")
+    if m.neural_fluxes is not None and m.name == "exphydro":
+        raise cfg.error("model.neural_fluxes", "not used in a regional run; use name = 'exphydro_m50' for the "
+                        "regional hybrid")
+    if m.parameters:
+        raise cfg.error("model.parameters", "not used in a regional run (the parameters come from the attributes)")
+    if d.source in ("leaf_river", "holmes", "exphydro_sample", "csv"):
+        raise cfg.error("data.source", f"a regional run needs many basins with attributes: source = 'camels_us' "
+                        f"or 'hdf5', not {d.source!r}")
+    if not g.hidden:
+        raise cfg.error("regional.hidden", "needs at least one hidden layer width, e.g. [32, 32]")
+    for i, w in enumerate(g.hidden):
+        if w < 1:
+            raise cfg.error(f"regional.hidden[{i}]", f"layer width must be >= 1, got {w}")
+    _one_of(cfg, "regional.loss", g.loss, list(REGIONAL_LOSSES))
+    _one_of(cfg, "regional.lr_schedule", g.lr_schedule, ("cosine", "constant"))
+    for key in ("epochs", "batch_basins", "patience", "val_every"):
+        _positive(cfg, f"regional.{key}", getattr(g, key))
+    _positive(cfg, "regional.lr", g.lr)
+    _positive(cfg, "regional.grad_clip", g.grad_clip)
+    _positive(cfg, "regional.warmup", g.warmup, allow_zero=True)
+    _positive(cfg, "regional.window", g.window, allow_zero=True)
+    if g.window == 1:
+        raise cfg.error("regional.window", "must be at least 2 days (or 0: the whole training period)")
 
 
 def build_physics_model(m: ModelConfig):
@@ -783,6 +877,17 @@ def load_dataset(cfg: Config):
         if missing:
             raise cfg.error("data.basins", f"basin(s) {missing} not in {ds.source}; available: {ds.basins[:20]}")
         ds = ds.select_basins(d.basins)
+    if cfg.regional is not None:
+        have = list(ds.attribute_names)
+        for i, a in enumerate(cfg.regional.attributes):
+            if a not in have:
+                raise cfg.error(f"regional.attributes[{i}]", f"{a!r} is not an attribute of the data"
+                                f"{_did_you_mean(a, have)} ({len(have)} attributes: {', '.join(have[:12])}"
+                                f"{' ...' if len(have) > 12 else ''})")
+            bad = [b for b, v in zip(ds.basins, ds.attribute(a)) if not np.isfinite(v)]
+            if bad:
+                raise cfg.error(f"regional.attributes[{i}]", f"{a!r} is missing (NaN) for basin(s) {bad[:5]}; "
+                                f"leave it out or fill it")
     # forcing
     physics = build_physics_model(cfg.model)
     names = list(ds.forcing_names)
