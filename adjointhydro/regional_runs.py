@@ -95,6 +95,15 @@ def train_regional_run(
     part = _dataset_segment(cfg, p.training_end)
     dates = part.dates
     masks = period_masks(cfg, dates)
+    if g.window:
+        from .regional import _windows
+
+        try:
+            _windows(masks["train"], g.warmup, g.window)
+        except ValueError:
+            raise cfg.error("regional.window", f"{g.window} days do not fit after the first training day "
+                            f"{p.train_start} and before {dates[-1]}; shorten it (0: the whole training "
+                            f"period)") from None
     model, network = _models(cfg)
     obs = observed_name(cfg)
     resuming = run_dir is not None

@@ -146,6 +146,14 @@ def test_window_of_one_day(tmp_path, h5):
         parse_config(_config(h5).replace("window = 60", "window = 1"), path=tmp_path / "c.toml")
 
 
+def test_window_longer_than_the_record(tmp_path, h5, capsys):
+    cfg = _write(tmp_path, _config(h5).replace("window = 60", "window = 400"))
+    assert main(["train", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "regional.window: 400 days do not fit" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_attributes_key(tmp_path, h5):
     text = _config(h5).replace('attributes = ["aridity", "soil_depth", "forest_frac"]', "")
     with pytest.raises(ConfigError, match=r"regional.attributes: required"):
