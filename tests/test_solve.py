@@ -49,13 +49,13 @@ def reference_exphydro(forcing: Forcing, params, y0, rtol=1e-8, atol=1e-8):
 PARAMS = [0.017, 1709.0, 18.47, 2.67, 0.176, -2.09]
 
 
-def _check_against_reference(forcing, rtol_model, tol):
+def _check_against_reference(forcing, rtol_model, tol, ref_tol=1e-8):
     model = exphydro()
     model.set_parameters(dict(zip(model.parameter_names, PARAMS)))
     with torch.no_grad():
         sol = solve(model, forcing, rtol=rtol_model, atol=rtol_model)
     q = sol.discharge[0].numpy()
-    ref = reference_exphydro(forcing, PARAMS, (0.0, PARAMS[1]))
+    ref = reference_exphydro(forcing, PARAMS, (0.0, PARAMS[1]), rtol=ref_tol, atol=ref_tol)
     rel = np.abs(q - ref) / np.maximum(np.abs(ref), 1e-3)
     assert rel.max() < tol, f"max relative error {rel.max():.2e} at day {rel.argmax()}"
     return rel
@@ -64,7 +64,10 @@ def _check_against_reference(forcing, rtol_model, tol):
 @pytest.mark.slow
 def test_exphydro_matches_scipy_on_real_forcing_five_years():
     forcing = exphydro_sample_forcing(5 * 365)
-    _check_against_reference(forcing, 1e-7, 1e-4)
+    # The soil sits at the smoothed Smax threshold for days here (2008-2009): DOP853 at
+    # rtol 1e-8 errs by 1% on day 1769 (21.39 mm against 21.15 at rtol 1e-10 and 1e-11,
+    # where the library agrees to 1e-8), so this reference is solved at 1e-11.
+    _check_against_reference(forcing, 1e-7, 1e-4, ref_tol=1e-11)
 
 
 def test_exphydro_matches_scipy_on_synthetic_forcing():
