@@ -11,7 +11,10 @@ from adjointhydro.config import ConfigError, parse_config
 from adjointhydro.data import write_hdf5
 from adjointhydro.synthetic import make_synthetic_basins
 
-CAMELS = Path("/work/shared/data/camels_us")
+from conftest import SHARED_DATA
+
+# where the case config's relative path points: ../shared/data beside the checkout
+CAMELS = SHARED_DATA / "camels_us"
 REPO = Path(__file__).resolve().parents[1]
 
 
