@@ -54,6 +54,7 @@ from .forcing import Forcing
 from .metrics import calculate_metrics
 from .model import Model
 from .models import exphydro
+from .training import _atomic_save  # one atomic checkpoint writer for the package
 from .solve import solve
 
 __all__ = [
@@ -452,23 +453,6 @@ def _simulate(
         f = attribute_forcing(f, norm[:, cols].detach(), extra)
     sol = solve(model, f, parameters=params, method=method, rtol=rtol, atol=atol, sensitivity=sensitivity)
     return sol.discharge
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _atomic_text(text: str, path: Path) -> None:
