@@ -12,7 +12,13 @@
 A configuration with a ``[regional]`` section trains one model for many basins
 (parameters learned from catchment attributes, dPL; :mod:`adjointhydro.regional_runs`):
 ``train``, ``resume`` and ``evaluate`` then write and print per-basin metrics and
-their distribution (median and quartiles per period; CDF plots in RUN/plots).
+their distribution (median and quartiles per period; CDF plots in RUN/plots) and write
+the simulated discharge of every basin to RUN/results.h5. With ``regional.cv_folds = k``
+``train`` runs k-fold cross-validation over basins instead (prediction in ungauged
+basins): per-fold and pooled held-out metrics, printed per fold and pooled.
+Regional ``train`` and ``resume`` are data-parallel when started by ``torchrun``
+(``torchrun --standalone --nproc_per_node=2 -m adjointhydro train CONFIG``): each
+process trains its shard of every batch, gradients are summed, rank 0 writes the run.
 
 Problems with the configuration, the data, the model or the solver are reported
 as one line ``adjointhydro: error: ...`` with exit status 2 (``--debug`` shows the
@@ -126,14 +132,53 @@ def _print_summary(metrics: dict, out) -> None:
 
 
 def _print_regional(run_dir, t0: float | None = None) -> None:
-    from .regional_runs import read_regional_metrics, regional_summary_table
+    from .regional_runs import cv_folds_table, read_regional_folds, read_regional_metrics, regional_summary_table
+    from .runs import read_run_info
 
     metrics = read_regional_metrics(run_dir)
+    k = read_run_info(Path(run_dir)).get("cv_folds")
     print("")
-    print(f"per-basin metrics ({len(metrics)} basins): distribution over basins")
+    if k:
+        print(f"{k}-fold cross-validation over basins: each basin simulated from its attributes by the "
+              f"network of the fold that held it out")
+        print(cv_folds_table(read_regional_folds(run_dir)))
+        print("")
+        print(f"pooled held-out metrics ({len(metrics)} basins, each held out once): distribution over basins")
+    else:
+        print(f"per-basin metrics ({len(metrics)} basins): distribution over basins")
     print(regional_summary_table(metrics))
     tail = f" ({time.perf_counter() - t0:.0f} s)" if t0 is not None else ""
     print(f"\nrun folder: {run_dir}{tail}")
+
+
+def _train_regional_cli(cfg, args, log, t0: float, **where) -> int:
+    """Regional training, in one process or (under ``torchrun``) data-parallel over several:
+    every process trains its shard of each batch; rank 0 writes the run folder and prints."""
+    from . import distributed as D
+    from .regional_runs import train_regional_run
+
+    launched = D.launched_by_torchrun()
+    if launched:
+        D.init_distributed()
+    try:
+        writer = D.rank() == 0
+        run_dir = train_regional_run(cfg, progress=not args.quiet and writer,
+                                     on_epoch=_epoch_hook(args.stop_after_epochs),
+                                     log=log if writer else (lambda msg: None), **where)
+        if writer:
+            _print_regional(run_dir, t0)
+    finally:
+        if launched:
+            D.cleanup()
+    return 0
+
+
+def _no_torchrun(what: str) -> None:
+    from . import distributed as D
+
+    if D.launched_by_torchrun():
+        raise ValueError(f"{what} runs in one process; torchrun with several processes is for regional "
+                         f"training (a configuration with a [regional] section)")
 
 
 def _cmd_train(args, log) -> int:
@@ -143,12 +188,8 @@ def _cmd_train(args, log) -> int:
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     if cfg.regional is not None:
-        from .regional_runs import train_regional_run
-
-        run_dir = train_regional_run(cfg, output_dir=args.output_dir, progress=not args.quiet,
-                                     on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
-        _print_regional(run_dir, t0)
-        return 0
+        return _train_regional_cli(cfg, args, log, t0, output_dir=args.output_dir)
+    _no_torchrun(f"{args.config}: single-basin training")
     run_dir = train(cfg, output_dir=args.output_dir, progress=not args.quiet,
                     on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
     _print_summary(read_metrics(run_dir), sys.stdout)
@@ -164,12 +205,9 @@ def _cmd_resume(args, log) -> int:
 
     if Path(args.run).is_dir() and (Path(args.run) / "run.json").is_file() and is_regional_run(args.run):
         from .runs import load_run_config
-        from .regional_runs import train_regional_run
 
-        run_dir = train_regional_run(load_run_config(args.run), run_dir=args.run, progress=not args.quiet,
-                                     on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
-        _print_regional(run_dir, t0)
-        return 0
+        return _train_regional_cli(load_run_config(args.run), args, log, t0, run_dir=args.run)
+    _no_torchrun(f"{args.run}: resuming a single-basin run")
     run_dir = resume(args.run, progress=not args.quiet, on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
     _print_summary(read_metrics(run_dir), sys.stdout)
     print(f"\nrun folder: {run_dir} ({time.perf_counter() - t0:.0f} s)")

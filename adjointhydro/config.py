@@ -10,14 +10,23 @@ to the configuration file::
     output_dir = "runs"
 
     [data]
-    source = "leaf_river"          # leaf_river (embedded) | holmes | exphydro_sample | csv | hdf5 | camels_us
-    path = "../../shared/data/holmes"   # file or folder (all sources but leaf_river)
+    source = "leaf_river"          # leaf_river (embedded) | holmes | exphydro_sample | csv | csv_folder
+                                   # | hdf5 | camels_us
+    path = "../../shared/data/holmes"   # file or folder (all sources but leaf_river); csv_folder:
+                                   # the folder of per-basin files <basin>.csv
     catchment = "Au Saumon"        # holmes only
-    basins = ["01022500"]          # camels_us, hdf5: basin ids to use (default: all)
-    variables = ["P", "PET"]       # forcing variables (csv: the columns to read)
-    observed = "Q"                 # observed discharge variable (csv: its column)
-    date_column = "Date"           # csv only
-    rename = { E0 = "PET", Qo = "Q" }   # csv only: column -> variable name
+    basins = ["01022500"]          # camels_us, hdf5, csv_folder: basin ids to use (default: all;
+                                   # csv_folder: the file names without .csv)
+    variables = ["P", "PET"]       # forcing variables (csv, csv_folder: the columns to read;
+                                   # default: the model's forcing, through rename)
+    observed = "Q"                 # observed discharge variable (csv, csv_folder: its column)
+    date_column = "Date"           # csv ("Date" by default) and csv_folder ("date" by default)
+    rename = { E0 = "PET", Qo = "Q" }   # csv, csv_folder: column -> variable name
+    attribute_files = "attributes/camels"  # csv_folder: attribute table(s) joined on id_column:
+                                   # a .csv file, a folder of them (searched recursively) or a
+                                   # list of files/folders; numeric columns become attributes
+                                   # (required for a regional run)
+    id_column = "gauge_id"         # csv_folder: the basin id column of the attribute tables
     forcing_source = "daymet"      # camels_us only
 
     [periods]                      # dates 'YYYY-MM-DD' (a TOML date works too); ends inclusive
@@ -79,10 +88,28 @@ to the configuration file::
     warmup = 365                   # days simulated before each window, not scored
     grad_clip = 1.0
     val_every = 1                  # validate every this many epochs
+    cv_folds = 0                   # k >= 2: k-fold cross-validation over basins instead of one
+                                   # model (prediction in ungauged basins); 0: off
+    dynamic_parameters = []        # parameters that vary in time, e.g. ["Df"], from the attributes
+                                   # and the trailing means of recent forcing (default: none)
+    dynamic_inputs = ["P", "T"]    # forcing variables of those means (default: the model's forcing)
+    dynamic_lookback = 30          # days of the trailing means
 
 A regional run takes model.name = "exphydro" (parameters from attributes, dPL) or
 "exphydro_m50" (whose networks also read the attributes), data with attributes
-(camels_us, hdf5) and no [calibration] or [training] section.
+(camels_us, hdf5, csv_folder with attribute_files) and no [calibration] or [training]
+section.
+
+A Caravan download (``timeseries/csv/<source>/<basin>.csv`` and
+``attributes/<source>/*.csv``) is read with source = "csv_folder"::
+
+    [data]
+    source = "csv_folder"
+    path = "Caravan/timeseries/csv/camels"
+    attribute_files = "Caravan/attributes/camels"
+    observed = "streamflow"
+    rename = { total_precipitation_sum = "P", temperature_2m_mean = "T",
+               potential_evaporation_sum = "PET", streamflow = "Q" }
 
 :func:`load_config` checks everything it can before any solve: unknown keys (with
 a did-you-mean), wrong types, unknown names (model, loss, method, sensitivity,
@@ -128,7 +155,11 @@ __all__ = [
 ]
 
 MODELS = ("exphydro", "exphydro_m50", "exphydro_m100", "reservoir_cascade")
-SOURCES = ("leaf_river", "holmes", "exphydro_sample", "csv", "hdf5", "camels_us")
+SOURCES = ("leaf_river", "holmes", "exphydro_sample", "csv", "csv_folder", "hdf5", "camels_us")
+#: Sources read from CSV columns: data.variables and data.observed name columns, data.rename maps them.
+CSV_SOURCES = ("csv", "csv_folder")
+#: Default date column per CSV source (Caravan files call it "date").
+_DATE_COLUMN = {"csv": "Date", "csv_folder": "date"}
 SENSITIVITIES = ("checkpoint", "adjoint", "direct")
 OPTIMIZERS = ("adam", "lbfgs", "de")
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -158,9 +189,16 @@ class DataConfig:
     basins: list[str] | None = None
     variables: list[str] | None = None
     observed: str = "Q"
-    date_column: str = "Date"
+    date_column: str | None = None  # default per source: _DATE_COLUMN
     rename: dict[str, str] = field(default_factory=dict)
+    attribute_files: list[Path] | None = None
+    id_column: str = "gauge_id"
     forcing_source: str = "daymet"
+
+    @property
+    def date_column_name(self) -> str:
+        """The date column of a CSV source (the configured one or the source's default)."""
+        return self.date_column if self.date_column is not None else _DATE_COLUMN.get(self.source, "Date")
 
 
 @dataclass
@@ -282,6 +320,10 @@ class RegionalConfig:
     warmup: int = 365
     grad_clip: float = 1.0
     val_every: int = 1
+    cv_folds: int = 0
+    dynamic_parameters: list[str] = field(default_factory=list)
+    dynamic_inputs: list[str] | None = None
+    dynamic_lookback: int = 30
 
 
 #: Models a regional run can train.
@@ -339,7 +381,7 @@ _KINDS: dict[str, dict[str, str]] = {
     "data": {
         "source": "str", "path": "path", "catchment": "str", "basins": "str_list",
         "variables": "str_list", "observed": "str", "date_column": "str", "rename": "str_map",
-        "forcing_source": "str",
+        "attribute_files": "path_list", "id_column": "str", "forcing_source": "str",
     },
     "periods": {k.name: "date" for k in fields(PeriodsConfig)},
     "model": {
@@ -361,13 +403,15 @@ _KINDS: dict[str, dict[str, str]] = {
     "regional": {
         "attributes": "str_list", "hidden": "int_list", "epochs": "int", "lr": "float",
         "lr_schedule": "str", "patience": "int", "loss": "str", "batch_basins": "int",
-        "window": "int", "warmup": "int", "grad_clip": "float", "val_every": "int",
+        "window": "int", "warmup": "int", "grad_clip": "float", "val_every": "int", "cv_folds": "int",
+        "dynamic_parameters": "str_list", "dynamic_inputs": "str_list", "dynamic_lookback": "int",
     },
 }
 
 _KIND_TEXT = {
     "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-    "date": "a date 'YYYY-MM-DD'", "path": "a path (string)", "str_list": "a list of strings",
+    "date": "a date 'YYYY-MM-DD'", "path": "a path (string)", "path_list": "a path or a list of paths",
+    "str_list": "a list of strings",
     "int_list": "a list of integers", "str_map": "a table of strings",
     "str_list_map": "a table of lists of strings", "float_map": "a table of numbers",
 }
@@ -398,7 +442,9 @@ def _show(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+def _did_you_mean(word: str, options: list[str] | tuple[str, ...], limit: int | None = None) -> str:
+    """``"; did you mean 'x'?"``, else the known options (at most ``limit`` of them: a data set
+    may have thousands of basins or hundreds of attribute columns)."""
     scored = [(difflib.SequenceMatcher(None, word, o).ratio(), -i, o) for i, o in enumerate(options)]
     best = max(scored, default=None)
     close = [best[2]] if best is not None and best[0] >= 0.6 else []
@@ -406,6 +452,8 @@ def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
         close = [o for o in options if o.lower() == word.lower()]
     if close:
         return f"; did you mean {close[0]!r}?"
+    if limit is not None and len(options) > limit:
+        return f"; known: {', '.join(list(options)[:limit])} ... ({len(options)} in all)"
     return f"; known: {', '.join(options)}"
 
 
@@ -465,6 +513,13 @@ def _coerce(where: str, key: str, kind: str, v: Any, base: Path) -> Any:
             raise bad()
         p = Path(v).expanduser()
         return p if p.is_absolute() else (base / p)
+    if kind == "path_list":  # one path or a list of them
+        items = v if isinstance(v, list) else [v]
+        if not items:
+            raise ConfigError(f"{where}: {key}: is empty; give a path or leave it out")
+        if not all(isinstance(x, str) and x.strip() for x in items):
+            raise bad()
+        return [_coerce(where, key, "path", x, base) for x in items]
     if kind in ("str_list", "int_list"):
         if not isinstance(v, list):
             raise bad()
@@ -614,14 +669,15 @@ def _check_static(cfg: Config) -> None:
     _one_of(cfg, "data.source", d.source, SOURCES)
     needs_path = d.source != "leaf_river"
     if needs_path and d.path is None:
-        kind = {"csv": "CSV file", "hdf5": "HDF5 file"}.get(d.source, "folder")
+        kind = {"csv": "CSV file", "hdf5": "HDF5 file",
+                "csv_folder": "folder of per-basin <basin>.csv files"}.get(d.source, "folder")
         raise cfg.error("data.path", f"required for source = {d.source!r} (the {kind})")
     if not needs_path and d.path is not None:
         raise cfg.error("data.path", "not used with source = 'leaf_river' (embedded data); remove it")
     if d.path is not None:
         if not d.path.exists():
             raise cfg.error("data.path", f"file or folder not found: {d.path}")
-        want_dir = d.source in ("holmes", "exphydro_sample", "camels_us")
+        want_dir = d.source in ("holmes", "exphydro_sample", "camels_us", "csv_folder")
         if want_dir and not d.path.is_dir():
             raise cfg.error("data.path", f"source = {d.source!r} needs a folder, {d.path} is a file")
         if not want_dir and not d.path.is_file():
@@ -634,14 +690,23 @@ def _check_static(cfg: Config) -> None:
         raise cfg.error("data.catchment", f"no catchment {d.catchment!r} in {d.path}{_did_you_mean(d.catchment, found)}")
     if d.source != "holmes" and d.catchment is not None:
         raise cfg.error("data.catchment", f"only used with source = 'holmes', not {d.source!r}")
-    if d.basins is not None and d.source not in ("camels_us", "hdf5"):
-        raise cfg.error("data.basins", f"only used with source = 'camels_us' or 'hdf5', not {d.source!r}")
+    if d.basins is not None and d.source not in ("camels_us", "hdf5", "csv_folder"):
+        raise cfg.error("data.basins", f"only used with source = 'camels_us', 'hdf5' or 'csv_folder', "
+                        f"not {d.source!r}")
     if d.basins is not None and not d.basins:
         raise cfg.error("data.basins", "is empty; leave it out to use every basin")
-    if d.source != "csv":
-        for key, default in (("date_column", "Date"), ("rename", {})):
+    if d.source not in CSV_SOURCES:
+        for key, default in (("date_column", None), ("rename", {})):
             if getattr(d, key) != default:
-                raise cfg.error(f"data.{key}", f"only used with source = 'csv', not {d.source!r}")
+                raise cfg.error(f"data.{key}", f"only used with source = 'csv' or 'csv_folder', not {d.source!r}")
+    if d.source != "csv_folder":
+        for key, default in (("attribute_files", None), ("id_column", "gauge_id")):
+            if getattr(d, key) != default:
+                raise cfg.error(f"data.{key}", f"only used with source = 'csv_folder', not {d.source!r}")
+    for i, a in enumerate(d.attribute_files or []):
+        if not a.exists():
+            raise cfg.error(f"data.attribute_files[{i}]" if len(d.attribute_files) > 1 else "data.attribute_files",
+                            f"file or folder not found: {a}")
     if d.forcing_source != "daymet" and d.source != "camels_us":
         raise cfg.error("data.forcing_source", f"only used with source = 'camels_us', not {d.source!r}")
     if d.variables is not None and not d.variables:
@@ -786,8 +851,12 @@ def _check_regional(cfg: Config) -> None:
     if m.parameters:
         raise cfg.error("model.parameters", "not used in a regional run (the parameters come from the attributes)")
     if d.source in ("leaf_river", "holmes", "exphydro_sample", "csv"):
-        raise cfg.error("data.source", f"a regional run needs many basins with attributes: source = 'camels_us' "
-                        f"or 'hdf5', not {d.source!r}")
+        raise cfg.error("data.source", f"a regional run needs many basins with attributes: source = 'camels_us', "
+                        f"'hdf5' or 'csv_folder', not {d.source!r}")
+    if d.source == "csv_folder" and d.attribute_files is None:
+        raise cfg.error("data.attribute_files", "required for a regional run with source = 'csv_folder': the "
+                        "attribute table(s) (a .csv file, a folder of them or a list), e.g. "
+                        "attribute_files = \"Caravan/attributes/camels\"")
     if not g.hidden:
         raise cfg.error("regional.hidden", "needs at least one hidden layer width, e.g. [32, 32]")
     for i, w in enumerate(g.hidden):
@@ -803,6 +872,24 @@ def _check_regional(cfg: Config) -> None:
     _positive(cfg, "regional.window", g.window, allow_zero=True)
     if g.window == 1:
         raise cfg.error("regional.window", "must be at least 2 days (or 0: the whole training period)")
+    if g.cv_folds < 0 or g.cv_folds == 1:
+        raise cfg.error("regional.cv_folds", f"must be 0 (off) or at least 2 folds, got {g.cv_folds}")
+    # time-varying parameters (dPL after Feng et al. 2022; adjointhydro.regional.AttributeParameters)
+    pnames = list(build_physics_model(m).parameter_names)
+    for i, n in enumerate(g.dynamic_parameters):
+        if n not in pnames:
+            raise cfg.error(f"regional.dynamic_parameters[{i}]", f"{n!r} is not a parameter of the model"
+                            f"{_did_you_mean(n, pnames)} (parameters: {', '.join(pnames)})")
+    if len(set(g.dynamic_parameters)) != len(g.dynamic_parameters):
+        raise cfg.error("regional.dynamic_parameters", f"names a parameter twice: {g.dynamic_parameters}")
+    if g.dynamic_lookback < 1:
+        raise cfg.error("regional.dynamic_lookback", f"days of the trailing forcing means, must be >= 1, "
+                        f"got {g.dynamic_lookback}")
+    if g.dynamic_inputs is not None and not g.dynamic_parameters:
+        raise cfg.error("regional.dynamic_inputs", "only used with regional.dynamic_parameters")
+    if g.dynamic_inputs is not None and not g.dynamic_inputs:
+        raise cfg.error("regional.dynamic_inputs", "is empty; list forcing variables, e.g. [\"P\", \"T\"], "
+                        "or leave it out (the model's forcing)")
 
 
 def build_physics_model(m: ModelConfig):
@@ -831,28 +918,95 @@ def _read_source(cfg: Config):
         return read_hdf5(d.path)
     if d.source == "camels_us":
         return load_camels_us(d.path, d.basins, d.forcing_source)
-    # csv: the columns to read are raw names; rename maps them to variable names
+    # csv, csv_folder: the columns to read are raw names; rename maps them to variable names
     physics = build_physics_model(cfg.model)
     inverse = {v: k for k, v in d.rename.items()}
     variables = d.variables or [inverse.get(n, n) for n in physics.forcing_names]
-    from .data import _read_table
+    if d.source == "csv":
+        _check_columns(cfg, d.path, variables)
+        return read_csv(d.path, date_column=d.date_column_name, forcing=variables, observations=[d.observed],
+                        rename=d.rename)
+    return _read_csv_folder(cfg, variables)
 
-    header, _ = _read_table(Path(d.path))
-    for key, cols in (("data.date_column", [d.date_column]), ("data.variables", variables),
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file (its first non-blank line), without reading the rest.
+
+    Raises:
+        DataError: the file is empty.
+    """
+    import csv
+
+    from .data import DataError
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        for cells in csv.reader(fh):
+            if cells and any(c.strip() for c in cells):
+                return [c.strip().lstrip("\ufeff") for c in cells]
+    raise DataError(f"{path}: empty file (no header line)")
+
+
+def _check_columns(cfg: Config, path: Path, variables: list[str]) -> None:
+    """The configured columns are in the CSV file ``path`` (else a ConfigError naming the key)."""
+    d = cfg.data
+    header = _csv_header(path)
+    for key, cols in (("data.date_column", [d.date_column_name]), ("data.variables", variables),
                       ("data.observed", [d.observed])):
         for col in cols:
             if col not in header:
-                raise cfg.error(key, f"column {col!r} is not in {d.path.name}{_did_you_mean(col, header)} (columns: {', '.join(header)})")
+                raise cfg.error(key, f"column {col!r} is not in {path.name}{_did_you_mean(col, header)} (columns: {', '.join(header)})")
     for k in d.rename:
         if k not in header:
-            raise cfg.error(f"data.rename.{k}", f"column {k!r} is not in {d.path.name}{_did_you_mean(k, header)}")
-    return read_csv(d.path, date_column=d.date_column, forcing=variables, observations=[d.observed],
-                    rename=d.rename)
+            raise cfg.error(f"data.rename.{k}", f"column {k!r} is not in {path.name}{_did_you_mean(k, header)}")
+
+
+def _attribute_tables(cfg: Config) -> list[Path]:
+    """The attribute tables of data.attribute_files (folders searched recursively for *.csv)."""
+    d = cfg.data
+    tables: list[Path] = []
+    for i, a in enumerate(d.attribute_files or []):
+        key = f"data.attribute_files[{i}]" if len(d.attribute_files) > 1 else "data.attribute_files"
+        found = sorted(a.rglob("*.csv")) if a.is_dir() else [a]
+        if not found:
+            raise cfg.error(key, f"no attribute tables (*.csv) in the folder {a}")
+        for t in found:
+            header = _csv_header(t)
+            if d.id_column not in header:
+                raise cfg.error("data.id_column", f"{d.id_column!r} is not a column of the attribute table {t}"
+                                f"{_did_you_mean(d.id_column, header, limit=12)}")
+        tables += [t for t in found if t not in tables]
+    return tables
+
+
+def _read_csv_folder(cfg: Config, variables: list[str]):
+    """source = 'csv_folder': per-basin <basin>.csv files plus attribute tables (Caravan layout)."""
+    import warnings
+
+    from .data import DataWarning, load_csv_folder
+
+    d = cfg.data
+    files = {p.stem: p for p in sorted(d.path.glob("*.csv"))}
+    if not files:
+        raise cfg.error("data.path", f"no per-basin files <basin>.csv in the folder {d.path}")
+    if d.basins is not None:
+        for i, b in enumerate(d.basins):
+            if b not in files:
+                raise cfg.error(f"data.basins[{i}]", f"no file {b}.csv in {d.path}{_did_you_mean(b, list(files), limit=12)}")
+    first = files[d.basins[0]] if d.basins else next(iter(files.values()))
+    _check_columns(cfg, first, variables)  # the other files are checked while reading (DataError names them)
+    tables = _attribute_tables(cfg)
+    with warnings.catch_warnings():
+        # NaN in attributes the run does not use is no problem; load_dataset rejects NaN in
+        # the attributes a regional run reads, naming regional.attributes
+        warnings.filterwarnings("ignore", message=".*NaN attribute values kept as NaN", category=DataWarning)
+        return load_csv_folder(d.path, tables or None, basins=d.basins, date_column=d.date_column_name,
+                               forcing=variables, observations=[d.observed], rename=d.rename,
+                               id_column=d.id_column)
 
 
 def observed_name(cfg: Config) -> str:
     """Name of the observed discharge variable in the data set."""
-    if cfg.data.source == "csv":
+    if cfg.data.source in CSV_SOURCES:
         return cfg.data.rename.get(cfg.data.observed, cfg.data.observed)
     return cfg.data.observed
 
@@ -888,16 +1042,23 @@ def load_dataset(cfg: Config):
             if bad:
                 raise cfg.error(f"regional.attributes[{i}]", f"{a!r} is missing (NaN) for basin(s) {bad[:5]}; "
                                 f"leave it out or fill it")
+        for i, v in enumerate(cfg.regional.dynamic_inputs or []):
+            if v not in ds.forcing_names:
+                have = list(ds.forcing_names)
+                raise cfg.error(f"regional.dynamic_inputs[{i}]", f"{v!r} is not a forcing variable of the data"
+                                f"{_did_you_mean(v, have)} (forcing: {', '.join(have)})")
+        k = cfg.regional.cv_folds
+        if k > len(ds.basins):
+            raise cfg.error("regional.cv_folds", f"{k} folds need at least {k} basins; the data have "
+                            f"{len(ds.basins)}")
     # forcing
     physics = build_physics_model(cfg.model)
     names = list(ds.forcing_names)
-    if d.variables is not None and d.source != "csv":
+    if d.variables is not None and d.source not in CSV_SOURCES:
         for i, v in enumerate(d.variables):
             if v not in names:
                 raise cfg.error(f"data.variables[{i}]", f"{v!r} is not in the data{_did_you_mean(v, names)} (forcing: {', '.join(names)})")
-    avail = names if d.variables is None or d.source == "csv" else list(d.variables)
-    if d.source == "csv":
-        avail = names
+    avail = names if d.variables is None or d.source in CSV_SOURCES else list(d.variables)
     for v in physics.forcing_names:
         if v not in avail:
             key = "model.snow" if (v == "T" and cfg.model.name != "reservoir_cascade") else "data.variables"

@@ -12,7 +12,12 @@ order). Only rank 0 writes checkpoints and run folders. (This is what
 used because the network fluxes of a hybrid get their gradients from the solver's
 custom backward pass, outside the module hooks DDP relies on.)
 
-Start it with ``torchrun``, e.g. two processes on one machine::
+Start it with ``torchrun``. A regional run configuration trains through the usual CLI
+(same run folder as one process, written by rank 0)::
+
+    torchrun --standalone --nproc_per_node=2 -m adjointhydro train config.toml
+
+or, without a configuration, two processes on one machine::
 
     torchrun --standalone --nproc_per_node=2 -m adjointhydro.distributed \\
         --synthetic 64 --years 3 --epochs 5 --method euler --out runs/ddp
@@ -44,6 +49,8 @@ __all__ = [
     "is_distributed",
     "rank",
     "world_size",
+    "broadcast_object",
+    "launched_by_torchrun",
     "shard",
     "all_reduce_sum",
     "all_reduce_gradients",
@@ -101,6 +108,20 @@ def init_distributed(
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of process ``src``, in every process (itself without a process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def cleanup() -> None:
     """Destroy the process group if there is one."""
     if is_distributed():
@@ -116,11 +137,22 @@ def shard(items: Sequence[Any], rank_: int, world: int) -> list:
     return items[lo:hi]
 
 
+def _all_reduce_sum_(t: torch.Tensor) -> None:
+    """In-place sum over processes; NCCL reduces CUDA tensors only, so CPU tensors
+    (the regional solve runs on the CPU) travel through this process's GPU."""
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        t.copy_(on_gpu.to(t.device))
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over processes (``t`` itself without a process group). Returns a new tensor."""
     out = t.detach().clone()
     if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        _all_reduce_sum_(out)
     return out
 
 
@@ -140,7 +172,7 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    _all_reduce_sum_(flat)
     k = 0
     for g in grads:
         n = g.numel()

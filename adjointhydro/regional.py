@@ -6,6 +6,9 @@ the physical parameters of a process model, each within its bounds. The network 
 trained end to end through the ODE solver (adjoint / checkpointed sensitivities)
 against the observed discharge of many basins at once, so a basin it has never seen
 gets parameters from its attributes alone (prediction in ungauged basins, PUB).
+Selected parameters may vary in time (``dynamic_parameters``, after Feng et al. 2022):
+their daily value comes from a second network of the attributes and the trailing means
+of recent forcing, and reaches the solver as a piecewise-constant daily series.
 
 Entry points:
 
@@ -39,6 +42,7 @@ import math
 import os
 import tempfile
 import time as _time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -55,6 +59,7 @@ from .metrics import calculate_metrics
 from .model import Model
 from .models import exphydro
 from .training import _atomic_save  # one atomic checkpoint writer for the package
+from ._io import atomic_write_text
 from .solve import solve
 
 __all__ = [
@@ -66,6 +71,8 @@ __all__ = [
     "cross_validate_basins",
     "regional_hybrid",
     "attribute_forcing",
+    "trailing_mean",
+    "write_dynamic_parameters",
     "metric_summary",
     "plot_metric_cdf",
     "r_squared",
@@ -92,6 +99,19 @@ class AttributeParameters(nn.Module):
     at zero weights and a bias that gives each parameter's default value, so the
     untrained network is the default-parameter model.
 
+    **Dynamic parameters** (``dynamic``; dPL with time-varying parameters after Feng et
+    al. 2022): the value of such a parameter on day ``t`` is
+    ``low + (high - low) * sigmoid(MLP_dyn([(a - mean) / std, (m_t - mu) / sd]))`` where
+    ``m_t`` are the trailing means of the ``dynamic_inputs`` forcing variables over the
+    ``lookback`` days up to and including day ``t`` (causal: no later day enters; fewer
+    days at the start of a record) and ``mu``, ``sd`` their normalisation, fitted with the
+    attributes. A second network (``MLP_dyn``, ``dynamic_hidden`` layers) gives the
+    dynamic parameters; like the first it starts at their default values, constant in
+    time. :meth:`dynamic_series` gives the daily values ``[basin, day, D]``, which
+    :func:`~adjointhydro.solve.solve` takes as ``dynamic_parameters`` (piecewise constant
+    over each day, like forcing). :meth:`forward` still returns every parameter, the
+    dynamic ones at mean recent forcing (normalised summaries zero): a typical value.
+
     Args:
         model: the process model whose parameters are learned.
         attribute_names: the attributes the network reads, in column order.
@@ -105,6 +125,12 @@ class AttributeParameters(nn.Module):
         start: initial output: ``"default"`` (each parameter's default, clipped into
             ``bounds``) or ``"middle"`` (the middle of each range).
         dtype: floating type of the weights (float64 by default, like the solver).
+        dynamic: parameters that vary in time (names; default none: all static).
+        dynamic_inputs: forcing variables whose recent means drive them (default: the
+            model's forcing variables, e.g. ``P``, ``T``, ``PET``; any variable of the
+            data may be named; ignored without ``dynamic``).
+        lookback: days of the trailing means (>= 1; 1 = the day's own forcing).
+        dynamic_hidden: hidden layers of the dynamic network (default ``hidden``).
     """
 
     def __init__(
@@ -118,6 +144,10 @@ class AttributeParameters(nn.Module):
         bounds: Mapping[str, tuple[float, float]] | None = None,
         start: str = "default",
         dtype: torch.dtype = torch.float64,
+        dynamic: Sequence[str] = (),
+        dynamic_inputs: Sequence[str] | None = None,
+        lookback: int = 30,
+        dynamic_hidden: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         names = [str(a) for a in attribute_names]
@@ -148,11 +178,16 @@ class AttributeParameters(nn.Module):
             low[j], high[j] = float(lo), float(hi)
         if start not in ("default", "middle"):
             raise ValueError(f"start must be 'default' or 'middle', got {start!r}")
+        dyn, dyn_inputs, lookback = _check_dynamic(model, self.parameter_names, fixed, dynamic, dynamic_inputs,
+                                                   lookback)
+        self.dynamic_names = dyn
+        self.dynamic_inputs = dyn_inputs
+        self.lookback = lookback
         self.register_buffer("low", low.clone())
         self.register_buffer("high", high.clone())
         self.register_buffer("attr_mean", torch.zeros(len(names), dtype=dtype))
         self.register_buffer("attr_std", torch.ones(len(names), dtype=dtype))
-        learned = [j for j, n in enumerate(self.parameter_names) if n not in fixed]
+        learned = [j for j, n in enumerate(self.parameter_names) if n not in fixed and n not in dyn]
         self.register_buffer("learned_index", torch.tensor(learned, dtype=torch.long))
         fixed_values = model.physical_parameters().detach()[0].to(dtype).clone()
         if start == "middle":
@@ -171,23 +206,59 @@ class AttributeParameters(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(float(dropout)))
             width = int(h)
-        last = nn.Linear(width, len(learned))
+        with warnings.catch_warnings():  # every parameter fixed or dynamic: an empty (unused) layer
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            last = nn.Linear(width, len(learned))
         layers.append(last)
         self.net = nn.Sequential(*layers).to(dtype)
         with torch.no_grad():
             last.weight.zero_()
             u = ((fixed_values - low) / (high - low))[learned].clamp(1e-3, 1 - 1e-3)
             last.bias.copy_(torch.log(u) - torch.log1p(-u))
+        if dyn:
+            # built (and its buffers registered) only when used: a static network keeps
+            # its state_dict, its random draws and so its results unchanged
+            jd = [self.parameter_names.index(n) for n in dyn]
+            self.register_buffer("dynamic_index", torch.tensor(jd, dtype=torch.long))
+            self.register_buffer("summary_mean", torch.zeros(len(dyn_inputs), dtype=dtype))
+            self.register_buffer("summary_std", torch.ones(len(dyn_inputs), dtype=dtype))
+            dlayers: list[nn.Module] = []
+            width = len(names) + len(dyn_inputs)
+            for h in (hidden if dynamic_hidden is None else dynamic_hidden):
+                dlayers += [nn.Linear(width, int(h)), activation()]
+                if dropout > 0:
+                    dlayers.append(nn.Dropout(float(dropout)))
+                width = int(h)
+            dlast = nn.Linear(width, len(dyn))
+            dlayers.append(dlast)
+            self.dynamic_net = nn.Sequential(*dlayers).to(dtype)
+            with torch.no_grad():
+                dlast.weight.zero_()
+                u = ((fixed_values - low) / (high - low))[jd].clamp(1e-3, 1 - 1e-3)
+                dlast.bias.copy_(torch.log(u) - torch.log1p(-u))
 
     @property
     def n_attributes(self) -> int:
         return len(self.attribute_names)
 
-    def fit_normalisation(self, attributes: np.ndarray | torch.Tensor, basins: Sequence[str] | None = None) -> None:
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether some parameters vary in time."""
+        return bool(self.dynamic_names)
+
+    def fit_normalisation(
+        self, attributes: np.ndarray | torch.Tensor, basins: Sequence[str] | None = None,
+        summaries: np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         """Set the per-attribute mean and std from the (training) basins' attributes ``[B, A]``.
 
+        ``summaries``: for a network with dynamic parameters, the trailing means
+        ``[B, T, K]`` of the training basins (:meth:`forcing_summaries`), whose mean and
+        std over basins and days normalise the dynamic network's forcing inputs
+        (left unchanged when ``None``).
+
         Raises:
-            ValueError: NaN attributes (naming basins and attributes).
+            ValueError: NaN attributes (naming basins and attributes), summaries of the wrong shape.
         """
         a = _check_attributes(attributes, self.attribute_names, basins)
         mean = a.mean(axis=0)
@@ -196,6 +267,32 @@ class AttributeParameters(nn.Module):
         with torch.no_grad():
             self.attr_mean.copy_(torch.as_tensor(mean, dtype=self.attr_mean.dtype))
             self.attr_std.copy_(torch.as_tensor(std, dtype=self.attr_std.dtype))
+        if summaries is not None and self.is_dynamic:
+            m = torch.as_tensor(summaries, dtype=self.summary_mean.dtype).detach()
+            if m.ndim != 3 or m.shape[-1] != len(self.dynamic_inputs):
+                raise ValueError(f"summaries must have shape [basin, time, {len(self.dynamic_inputs)}] "
+                                 f"({list(self.dynamic_inputs)}), got {tuple(m.shape)}")
+            flat = m.reshape(-1, m.shape[-1])
+            sd = flat.std(dim=0, unbiased=False)
+            with torch.no_grad():
+                self.summary_mean.copy_(flat.mean(dim=0))
+                self.summary_std.copy_(torch.where(sd > 0, sd, torch.ones_like(sd)))
+
+    def forcing_summaries(self, forcing: Forcing) -> torch.Tensor:
+        """Trailing means ``[B, T, K]`` of the ``dynamic_inputs`` over ``lookback`` days (causal),
+        in the forcing's units (:func:`trailing_mean`).
+
+        Raises:
+            ValueError: a dynamic input the forcing lacks (naming it and the forcing's variables).
+        """
+        if not self.is_dynamic:
+            raise ValueError("this network has no dynamic parameters")
+        missing = [n for n in self.dynamic_inputs if n not in forcing.names]
+        if missing:
+            raise ValueError(f"{forcing.source}: dynamic input(s) {missing} not in the forcing; "
+                             f"available: {list(forcing.names)}")
+        x = forcing.values[..., [forcing.index(n) for n in self.dynamic_inputs]]
+        return trailing_mean(x.to(self.summary_mean.dtype), self.lookback)
 
     def normalise(self, attributes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``(a - mean) / std`` as a tensor of the network's dtype."""
@@ -206,13 +303,87 @@ class AttributeParameters(nn.Module):
         return (a - self.attr_mean) / self.attr_std
 
     def forward(self, attributes: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Physical parameters ``[B, P]`` (within bounds) from raw attributes ``[B, A]``."""
+        """Physical parameters ``[B, P]`` (within bounds) from raw attributes ``[B, A]``.
+
+        Dynamic parameters are given at mean recent forcing (normalised summaries zero).
+        """
         x = self.normalise(attributes)
         u = torch.sigmoid(self.net(x))
         out = self.fixed_values.expand(x.shape[0], -1).clone()
         j = self.learned_index
         out[:, j] = self.low[j] + (self.high[j] - self.low[j]) * u
+        if self.is_dynamic:
+            z = torch.zeros(x.shape[0], len(self.dynamic_inputs), dtype=x.dtype, device=x.device)
+            jd = self.dynamic_index
+            ud = torch.sigmoid(self.dynamic_net(torch.cat([x, z], dim=-1)))
+            out[:, jd] = self.low[jd] + (self.high[jd] - self.low[jd]) * ud
         return out
+
+    def dynamic_series(self, attributes: torch.Tensor | np.ndarray, summaries: torch.Tensor) -> torch.Tensor:
+        """Daily values ``[B, T, D]`` of the dynamic parameters (``dynamic_names`` order, within bounds)
+        from raw attributes ``[B, A]`` and raw trailing means ``[B, T, K]`` (:meth:`forcing_summaries`)."""
+        if not self.is_dynamic:
+            raise ValueError("this network has no dynamic parameters")
+        x = self.normalise(attributes)
+        m = torch.as_tensor(summaries, dtype=x.dtype, device=x.device)
+        if m.ndim != 3 or m.shape[0] != x.shape[0] or m.shape[2] != len(self.dynamic_inputs):
+            raise ValueError(f"summaries must have shape [{x.shape[0]}, time, {len(self.dynamic_inputs)}] "
+                             f"({list(self.dynamic_inputs)}), got {tuple(m.shape)}")
+        z = (m - self.summary_mean) / self.summary_std
+        inp = torch.cat([x[:, None, :].expand(-1, m.shape[1], -1), z], dim=-1)
+        jd = self.dynamic_index
+        return self.low[jd] + (self.high[jd] - self.low[jd]) * torch.sigmoid(self.dynamic_net(inp))
+
+
+def trailing_mean(values: torch.Tensor, lookback: int) -> torch.Tensor:
+    """Causal trailing mean over time of ``values`` ``[B, T, K]``: day ``t`` averages days
+    ``max(0, t - lookback + 1) .. t`` (fewer days at the start of the record), so no later
+    day enters. Computed from a float64 cumulative sum (exact enough for decades of days)."""
+    L = int(lookback)
+    if L < 1:
+        raise ValueError(f"lookback must be at least 1 day, got {lookback}")
+    x = torch.as_tensor(values)
+    c = torch.cumsum(x.to(torch.float64), dim=1)
+    c = torch.cat([torch.zeros_like(c[:, :1]), c], dim=1)  # c[:, t] = sum of days < t
+    T = x.shape[1]
+    hi = torch.arange(1, T + 1, device=x.device)
+    lo = (hi - L).clamp(min=0)
+    n = (hi - lo).to(torch.float64)
+    return ((c[:, hi] - c[:, lo]) / n[None, :, None]).to(x.dtype)
+
+
+def _check_dynamic(
+    model: Model, parameter_names: Sequence[str], fixed: Mapping[str, float], dynamic: Sequence[str],
+    dynamic_inputs: Sequence[str] | None, lookback: Any,
+) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """Validated dynamic parameter names (model order), inputs and lookback (clear errors)."""
+    if isinstance(dynamic, str):
+        dynamic = (dynamic,)
+    dyn = [str(n) for n in dynamic]
+    unknown = [n for n in dyn if n not in parameter_names]
+    if unknown:
+        raise ValueError(f"dynamic parameter(s) {unknown} are not parameters of {model.name!r}: "
+                         f"{list(parameter_names)}")
+    if len(set(dyn)) != len(dyn):
+        raise ValueError(f"dynamic parameters named twice: {dyn}")
+    both = [n for n in dyn if n in fixed]
+    if both:
+        raise ValueError(f"parameter(s) {both} cannot be both fixed and dynamic")
+    if isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer)) or int(lookback) < 1:
+        raise ValueError(f"lookback (days of the trailing forcing means of dynamic parameters) must be a "
+                         f"whole number >= 1, got {lookback!r}")
+    if dynamic_inputs is None:
+        inputs = [n for n in model.forcing_names if not n.startswith(ATTRIBUTE_PREFIX)]
+    else:
+        # (ignored without dynamic parameters, so a switch between the two needs one change)
+        inputs = [dynamic_inputs] if isinstance(dynamic_inputs, str) else [str(n) for n in dynamic_inputs]
+    if dyn and not inputs:
+        raise ValueError("no dynamic inputs: name the forcing variables whose recent means drive the "
+                         "dynamic parameters (dynamic_inputs, e.g. ['P', 'T', 'PET'])")
+    if len(set(inputs)) != len(inputs):
+        raise ValueError(f"dynamic inputs named twice: {inputs}")
+    order = tuple(n for n in parameter_names if n in dyn)
+    return order, (tuple(inputs) if order else ()), int(lookback)
 
 
 def _check_attributes(
@@ -304,6 +475,9 @@ class _Data:
     observed: np.ndarray  # [B, T]
     attributes: np.ndarray  # [B, A] in network order
     attribute_names: tuple[str, ...]
+    # trailing means [B, T, K] of the dynamic inputs over the whole record (None: static
+    # network); windows slice them, so each window sees the forcing before its start
+    summaries: torch.Tensor | None = None
 
     @property
     def basins(self) -> tuple[str, ...]:
@@ -311,14 +485,16 @@ class _Data:
 
     def subset(self, idx: Sequence[int]) -> "_Data":
         idx = list(idx)
-        return _Data(self.forcing.select(idx), self.observed[idx], self.attributes[idx], self.attribute_names)
+        return _Data(self.forcing.select(idx), self.observed[idx], self.attributes[idx], self.attribute_names,
+                     None if self.summaries is None else self.summaries[idx])
 
 
 def _as_data(
     model: Model, data: BasinDataset | Forcing, observed: Any, attributes: Any,
-    attribute_names: Sequence[str] | None, observation: str = "Q",
+    attribute_names: Sequence[str] | None, observation: str = "Q", network: AttributeParameters | None = None,
 ) -> _Data:
-    """Validate and unpack the data (before any solve)."""
+    """Validate and unpack the data (before any solve); with a dynamic ``network``, also the
+    trailing means of its dynamic inputs (raw units)."""
     fnames = [n for n in model.forcing_names if not n.startswith(ATTRIBUTE_PREFIX)]
     if isinstance(data, BasinDataset):
         if observed is None:
@@ -361,7 +537,20 @@ def _as_data(
     if not names:
         raise ValueError(f"{forcing.source}: no attributes to learn parameters from")
     a = _check_attributes(attributes, names, forcing.basins)
-    return _Data(forcing, o, a, tuple(names))
+    summaries = _forcing_summaries(network, data) if network is not None and network.is_dynamic else None
+    return _Data(forcing, o, a, tuple(names), summaries)
+
+
+def _forcing_summaries(network: AttributeParameters, data: BasinDataset | Forcing) -> torch.Tensor:
+    """Trailing means ``[B, T, K]`` of the network's dynamic inputs, read from ``data``
+    (any of its forcing variables, not only the model's)."""
+    inputs = list(network.dynamic_inputs)
+    have = list(data.forcing_names) if isinstance(data, BasinDataset) else list(data.names)
+    missing = [n for n in inputs if n not in have]
+    if missing:
+        raise ValueError(f"{data.source}: dynamic input(s) {missing} not in the forcing; available: {have}")
+    src = data.to_forcing(inputs) if isinstance(data, BasinDataset) else data
+    return network.forcing_summaries(src)
 
 
 def _as_mask(mask: Any, T: int, what: str) -> np.ndarray:
@@ -451,24 +640,51 @@ def _simulate(
         norm = network.normalise(d.attributes[idx])
         cols = [network.attribute_names.index(n) for n in extra]
         f = attribute_forcing(f, norm[:, cols].detach(), extra)
-    sol = solve(model, f, parameters=params, method=method, rtol=rtol, atol=atol, sensitivity=sensitivity)
+    dyn = None
+    if network.is_dynamic:
+        series = _dynamic_series(network, d, idx, steps)
+        dyn = dict(zip(network.dynamic_names, series.unbind(-1)))
+    sol = solve(model, f, parameters=params, dynamic_parameters=dyn, method=method, rtol=rtol, atol=atol,
+                sensitivity=sensitivity)
     return sol.discharge
 
 
+def _dynamic_series(network: AttributeParameters, d: _Data, idx: Sequence[int], steps: slice | None) -> torch.Tensor:
+    """Daily dynamic parameters ``[b, t, D]`` of basins ``idx`` over ``steps`` (differentiable)."""
+    if d.summaries is None:
+        raise ValueError("the network has dynamic parameters but the data carries no forcing summaries")
+    m = d.summaries[list(idx)]
+    if steps is not None:
+        m = m[:, steps]
+    return network.dynamic_series(d.attributes[list(idx)], m)
+
+
 def _atomic_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write ``text`` atomically (the package's writer, :mod:`adjointhydro._io`; (text, path) order)."""
+    atomic_write_text(path, text)
+
+
+def write_dynamic_parameters(
+    path: str | os.PathLike, series: Mapping[str, np.ndarray], basins: Sequence[str], dates: np.ndarray | None = None,
+) -> Path:
+    """Write daily dynamic parameters (name -> ``[basin, T]``, the parameter's units) as a
+    compressed ``.npz`` with ``basins`` and, where known, ``dates`` (ISO strings); atomically.
+    Read back with ``numpy.load(path)``."""
+    arrays = {str(n): np.asarray(v, dtype=np.float64) for n, v in series.items()}
+    arrays["basins"] = np.array([str(b) for b in basins], dtype=str)
+    if dates is not None:
+        arrays["dates"] = np.asarray(dates).astype("datetime64[D]").astype(str)
+    path = Path(path)
+    _atomic_npz(arrays, path)
+    return path
+
+
+def _atomic_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    from ._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a name
+            np.savez_compressed(fh, **arrays)
 
 
 def _json_safe(x: Any) -> Any:
@@ -505,6 +721,10 @@ class RegionalResult:
         out_dir: the run folder, if one was written.
         world_size: number of processes that trained (1 without torch.distributed).
         network: the trained :class:`AttributeParameters` (best state).
+        dynamic_parameters: for dynamic parameters, basin -> parameter name -> daily values
+            ``[T]`` over the whole record (in the parameter's units; ``parameters`` holds
+            their value at mean recent forcing); empty for a static network.
+        dates: the dates of the record (``None`` where the data has none).
     """
 
     history: list[dict]
@@ -517,6 +737,17 @@ class RegionalResult:
     out_dir: Path | None = None
     world_size: int = 1
     network: AttributeParameters | None = None
+    dynamic_parameters: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    dates: np.ndarray | None = None
+
+    def dynamic_series(self, name: str) -> np.ndarray:
+        """Daily values ``[basin, T]`` of dynamic parameter ``name`` (basins in ``parameters`` order)."""
+        if not self.dynamic_parameters:
+            raise KeyError("no dynamic parameters in this result")
+        first = next(iter(self.dynamic_parameters.values()))
+        if name not in first:
+            raise KeyError(f"{name!r} is not a dynamic parameter; dynamic: {list(first)}")
+        return np.stack([v[name] for v in self.dynamic_parameters.values()])
 
     def summary(self, metric: str = "nse") -> dict[str, dict[str, float]]:
         """period -> distribution statistics of ``metric`` over basins (:func:`metric_summary`)."""
@@ -619,7 +850,9 @@ def evaluate_regional(
     rtol: float = 1e-3,
     atol: float = 1e-3,
     batch_size: int = 256,
-) -> tuple[dict[str, dict[str, dict[str, float]]], np.ndarray]:
+    return_dynamic: bool = False,
+) -> tuple[dict[str, dict[str, dict[str, float]]], np.ndarray] | tuple[
+        dict[str, dict[str, dict[str, float]]], np.ndarray, dict[str, np.ndarray]]:
     """Simulate every basin over the whole record and score it in each period.
 
     Args:
@@ -629,13 +862,30 @@ def evaluate_regional(
         periods: name -> bool mask ``[time]`` (default: the whole record as ``"all"``).
         metrics: names from :data:`adjointhydro.metrics.METRICS`.
         batch_size: basins per solve (bounds memory).
+        return_dynamic: also return the daily dynamic parameters the simulation used.
 
     Returns:
         ``(metrics, discharge)``: basin -> period -> metric -> value (NaN where undefined,
-        e.g. no observation in the period), and the simulated discharge ``[B, T]`` (mm/day).
+        e.g. no observation in the period), and the simulated discharge ``[B, T]`` (mm/day);
+        with ``return_dynamic``, a third item: dynamic parameter name -> daily values
+        ``[B, T]`` (empty for a static network).
     """
-    d = _as_data(model, data, observed, attributes, network.attribute_names)
-    return _evaluate(model, network, d, periods, metrics, method, rtol, atol, batch_size)
+    d = _as_data(model, data, observed, attributes, network.attribute_names, network=network)
+    met, sim = _evaluate(model, network, d, periods, metrics, method, rtol, atol, batch_size)
+    if return_dynamic:
+        return met, sim, _dynamic_arrays(network, d)
+    return met, sim
+
+
+def _dynamic_arrays(network: AttributeParameters, d: _Data) -> dict[str, np.ndarray]:
+    """name -> daily values ``[B, T]`` of every dynamic parameter over the whole record."""
+    if not network.is_dynamic:
+        return {}
+    B = len(d.basins)
+    with torch.no_grad():  # in blocks of basins: the network's activations are [b, T, hidden]
+        v = np.concatenate([_dynamic_series(network, d, range(s, min(s + 64, B)), None).cpu().numpy()
+                            for s in range(0, B, 64)])
+    return {n: v[..., i].astype(np.float64) for i, n in enumerate(network.dynamic_names)}
 
 
 def _evaluate(model, network, d: _Data, periods, metrics, method, rtol, atol, batch_size):
@@ -686,6 +936,9 @@ def train_regional(
     fixed_parameters: Mapping[str, float] | None = None,
     parameter_bounds: Mapping[str, tuple[float, float]] | None = None,
     start: str = "default",
+    dynamic_parameters: Sequence[str] = (),
+    dynamic_inputs: Sequence[str] | None = None,
+    dynamic_lookback: int = 30,
     train_mask: Any = None,
     val_mask: Any = None,
     eval_periods: Mapping[str, Any] | None = None,
@@ -737,7 +990,9 @@ def train_regional(
     history, best state, RNG state; written atomically after every epoch),
     ``checkpoints/best.pt``, ``history.json``, ``metrics.json`` (basin -> period ->
     metric -> value, NaN as null), ``summary.json`` (period -> metric -> median,
-    quartiles ...), ``parameters.csv`` (learned parameters per basin), ``config.json``.
+    quartiles ...), ``parameters.csv`` (learned parameters per basin), ``config.json``,
+    and with dynamic parameters ``dynamic_parameters.npz`` (name -> daily values
+    ``[basin, T]``, ``basins``, ``dates``).
     ``resume=True`` continues from ``checkpoints/last.pt``.
 
     Args:
@@ -752,6 +1007,12 @@ def train_regional(
             normalisation is fitted on the training basins.
         fixed_parameters: parameters not learned (name -> value).
         parameter_bounds, start: passed to a new :class:`AttributeParameters`.
+        dynamic_parameters, dynamic_inputs, dynamic_lookback: parameters that vary in time,
+            from the attributes and the trailing means of ``dynamic_inputs`` (forcing
+            variables of ``data``; default the model's) over ``dynamic_lookback`` days:
+            ``dynamic``, ``dynamic_inputs`` and ``lookback`` of a new
+            :class:`AttributeParameters` (with ``network``, its own settings hold). Their
+            learned daily values are in :attr:`RegionalResult.dynamic_parameters`.
         train_mask, val_mask: bool ``[T]`` scored steps for training and validation
             (``train_mask`` default: all steps after ``warmup``; ``val_mask`` None: early
             stopping on the training loss of the full record).
@@ -796,6 +1057,10 @@ def train_regional(
         raise ValueError(f"val_every must be at least 1, got {val_every}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir")
+    if network is not None and tuple(dynamic_parameters) and \
+            tuple(n for n in network.parameter_names if n in dynamic_parameters) != network.dynamic_names:
+        raise ValueError(f"dynamic_parameters {list(dynamic_parameters)} differ from the given network's "
+                         f"{list(network.dynamic_names)}; set them on the network")
     names = network.attribute_names if network is not None else attribute_names
     d = _as_data(model, data, observed, attributes, names)
     T = d.forcing.n_steps
@@ -810,7 +1075,8 @@ def train_regional(
     torch.manual_seed(int(seed))
     if network is None:
         network = AttributeParameters(model, d.attribute_names, hidden=hidden, fixed=fixed_parameters,
-                                      bounds=parameter_bounds, start=start)
+                                      bounds=parameter_bounds, start=start, dynamic=dynamic_parameters,
+                                      dynamic_inputs=dynamic_inputs, lookback=dynamic_lookback)
     missing = [n for n in extra if n not in network.attribute_names]
     if missing:
         raise ValueError(f"model {model.name!r} reads attributes {missing} that the network does not have "
@@ -818,7 +1084,9 @@ def train_regional(
     if tuple(network.parameter_names) != tuple(model.parameter_names):
         raise ValueError(f"the network gives parameters {list(network.parameter_names)} but the model has "
                          f"{list(model.parameter_names)}")
-    network.fit_normalisation(d.attributes, d.basins)
+    if network.is_dynamic:
+        d.summaries = _forcing_summaries(network, data)
+    network.fit_normalisation(d.attributes, d.basins, d.summaries)
     cand = _windows(tm, int(warmup), None if window is None else int(window))
     # per-basin scale of NSE*: std of the observations in the training period
     with np.errstate(invalid="ignore"):
@@ -840,6 +1108,9 @@ def train_regional(
         "lr_schedule": lr_schedule, "val_every": int(val_every),
         "basins": list(d.basins), "world_size": world,
     }
+    if network.is_dynamic:  # only then: resuming a static run compares the same keys as before
+        config.update({"dynamic_parameters": list(network.dynamic_names),
+                       "dynamic_inputs": list(network.dynamic_inputs), "dynamic_lookback": network.lookback})
     out = Path(out_dir) if out_dir is not None else None
     ckdir = out / "checkpoints" if out is not None else None
     if out is not None and writer:
@@ -990,16 +1261,19 @@ def train_regional(
     with torch.no_grad():
         p = network(d.attributes).cpu().numpy()
     params = {b: {n: float(p[i, j]) for j, n in enumerate(network.parameter_names)} for i, b in enumerate(d.basins)}
+    series = _dynamic_arrays(network, d)
+    dyn = {b: {n: v[i] for n, v in series.items()} for i, b in enumerate(d.basins)} if series else {}
     result = RegionalResult(history, best_epoch, best_val, stopped, met, params,
-                            _time.perf_counter() - t_start, out, world, network)
+                            _time.perf_counter() - t_start, out, world, network, dyn, d.forcing.dates)
     if out is not None and writer:
         write_run_folder(result, out, metrics)
     return result
 
 
 def write_run_folder(result: RegionalResult, out: str | os.PathLike, metrics: Sequence[str] = DEFAULT_METRICS) -> Path:
-    """Write ``history.json``, ``metrics.json``, ``summary.json``, ``parameters.csv`` and
-    ``nse_cdf.png`` of a :class:`RegionalResult` (atomically, file by file)."""
+    """Write ``history.json``, ``metrics.json``, ``summary.json``, ``parameters.csv``,
+    ``nse_cdf.png`` and, with dynamic parameters, ``dynamic_parameters.npz`` of a
+    :class:`RegionalResult` (atomically, file by file)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(json.dumps(_json_safe(result.history), indent=1), out / "history.json")
@@ -1011,6 +1285,10 @@ def write_run_folder(result: RegionalResult, out: str | os.PathLike, metrics: Se
     lines = ["basin," + ",".join(names)]
     lines += [b + "," + ",".join(f"{v[n]:.8g}" for n in names) for b, v in result.parameters.items()]
     _atomic_text("\n".join(lines) + "\n", out / "parameters.csv")
+    if result.dynamic_parameters:
+        first = next(iter(result.dynamic_parameters.values()))
+        write_dynamic_parameters(out / "dynamic_parameters.npz", {n: result.dynamic_series(n) for n in first},
+                                 list(result.dynamic_parameters), result.dates)
     if result.metrics and "nse" in metrics:
         plot_metric_cdf(result.metrics, "nse", path=out / "nse_cdf.png")
     return out
@@ -1024,7 +1302,8 @@ class CrossValidationResult:
     Attributes:
         folds: one dict per fold: ``fold``, ``train_basins``, ``test_basins``,
             ``metrics`` (held-out basin -> period -> metric -> value), ``summary``
-            (period -> metric -> distribution), ``best_epoch``, ``seconds``.
+            (period -> metric -> distribution), ``best_epoch``, ``seconds``, and the fold's
+            trained ``model`` and ``network`` (in memory only, not in ``folds.json``).
         metrics: pooled over folds: every basin (each held out once) -> period -> metric.
         parameters: every basin -> parameter -> value predicted while it was held out.
     """
@@ -1036,6 +1315,10 @@ class CrossValidationResult:
     def summary(self, metric: str = "nse") -> dict[str, dict[str, float]]:
         """period -> distribution of ``metric`` over all held-out basins (pooled)."""
         return _summaries(self.metrics, metric)
+
+
+#: Entries of a fold that folds.json leaves out (per-basin metrics are in metrics.json; objects).
+_NOT_IN_FOLDS_JSON = ("metrics", "model", "network")
 
 
 def cross_validate_basins(
@@ -1079,6 +1362,14 @@ def cross_validate_basins(
     names = list(attribute_names) if attribute_names is not None else list(data.attribute_names)
     probe = model_factory()
     _as_data(probe, data, None, None, names)  # all checks before any training
+    if train_kwargs.get("dynamic_parameters"):
+        _, inputs, _ = _check_dynamic(probe, probe.parameter_names, dict(train_kwargs.get("fixed_parameters") or {}),
+                                      train_kwargs["dynamic_parameters"], train_kwargs.get("dynamic_inputs"),
+                                      train_kwargs.get("dynamic_lookback", 30))
+        missing = [n for n in inputs if n not in data.forcing_names]
+        if missing:
+            raise ValueError(f"{data.source}: dynamic input(s) {missing} not in the forcing; "
+                             f"available: {list(data.forcing_names)}")
     rng = np.random.default_rng(int(seed))
     order = rng.permutation(B)
     folds_idx = np.array_split(order, int(k))
@@ -1102,7 +1393,7 @@ def cross_validate_basins(
             out_dir=None if out is None else out / f"fold{i}", **train_kwargs,
         )
         net = res.network
-        held = _as_data(model, data.select_basins(test_ids), None, None, names)
+        held = _as_data(model, data.select_basins(test_ids), None, None, names, network=net)
         met, _ = _evaluate(model, net, held, periods, metrics, train_kwargs.get("method", "dopri5"),
                            train_kwargs.get("rtol", 1e-3), train_kwargs.get("atol", 1e-3),
                            train_kwargs.get("eval_batch_size", 256))
@@ -1114,13 +1405,13 @@ def cross_validate_basins(
         folds.append({
             "fold": i, "train_basins": train_ids, "test_basins": test_ids, "metrics": met,
             "summary": {m: _summaries(met, m) for m in metrics}, "best_epoch": res.best_epoch,
-            "seconds": _time.perf_counter() - t0,
+            "seconds": _time.perf_counter() - t0, "model": model, "network": net,
         })
     result = CrossValidationResult(folds, pooled, pooled_params)
     if out is not None and _dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_text(json.dumps(_json_safe(pooled), indent=1), out / "metrics.json")
         _atomic_text(json.dumps(_json_safe({m: result.summary(m) for m in metrics}), indent=1), out / "summary.json")
-        _atomic_text(json.dumps(_json_safe([{k2: v for k2, v in f.items() if k2 != "metrics"} for f in folds]),
-                                indent=1), out / "folds.json")
+        _atomic_text(json.dumps(_json_safe([{k2: v for k2, v in f.items() if k2 not in _NOT_IN_FOLDS_JSON}
+                                            for f in folds]), indent=1), out / "folds.json")
     return result

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import time as _time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -36,6 +35,7 @@ import h5py
 import numpy as np
 import torch
 
+from ._io import atomic_path, atomic_torch_save, atomic_write_text
 from .config import PERIODS, Config, build_physics_model, forcing_names, observed_name, parse_config
 
 __all__ = [
@@ -87,37 +87,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-# ------------------------------------------------------------ atomic writing
-def _tmp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_for(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = _tmp_for(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -140,7 +109,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _torch_load(path: Path) -> dict:
@@ -231,8 +200,8 @@ def period_masks(cfg: Config, dates: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _segment(cfg: Config, end: np.datetime64 | None = None):
-    """Forcing, observed ``[B, T]`` and dates from the simulation start to ``end``."""
+def _dataset_part(cfg: Config, end: np.datetime64 | None = None):
+    """The data set from the simulation start to ``end`` (default: the end of the last period)."""
     ds = cfg.dataset()
     # (not ``x or default``: np.datetime64('1970-01-01') is the epoch, which is falsy)
     start = cfg.periods.simulation_start
@@ -241,7 +210,12 @@ def _segment(cfg: Config, end: np.datetime64 | None = None):
     stop = end if end is not None else cfg.periods.simulation_end
     if stop is None:
         stop = ds.dates[-1]
-    part = ds.period(start, stop)
+    return ds.period(start, stop)
+
+
+def _segment(cfg: Config, end: np.datetime64 | None = None):
+    """Forcing, observed ``[B, T]`` and dates from the simulation start to ``end``."""
+    part = _dataset_part(cfg, end)
     forcing = part.to_forcing(forcing_names(cfg))
     return forcing, part.observed(observed_name(cfg)), part.dates
 
@@ -388,16 +362,29 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
     """Delete the temporary files of atomic writes that a killed process left behind.
 
     They are hidden files ``.<name>.<...>.tmp`` next to their target (see
-    :func:`_tmp_for` and ``training._atomic_save``); the target itself is always the
+    :mod:`adjointhydro._io`), in the run folder or below it (``checkpoints/``, the
+    ``fold<i>/`` folders of a cross-validation); the target itself is always the
     previous complete version, so nothing is lost.
     """
-    for folder in (run_dir, run_dir / "checkpoints"):
-        if folder.is_dir():
-            for p in folder.glob(".*.tmp"):
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
+    for p in run_dir.rglob(".*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _open_run_dir(cfg: Config, output_dir: str | os.PathLike | None, run_dir: str | os.PathLike | None,
+                  log: Log, command: str = "train") -> tuple[Path, bool]:
+    """``(run folder, resuming)``: a new run folder, or ``run_dir`` to continue.
+
+    A continued run first loses the temporary files a killed process left behind.
+    """
+    resuming = run_dir is not None
+    run_dir = Path(run_dir) if resuming else new_run_dir(cfg, output_dir, command)
+    log(f"run folder: {run_dir}")
+    if resuming:
+        _remove_stale_temporaries(run_dir)
+    return run_dir, resuming
 
 
 def _sigint_guard(run_dir: Path, stage: str):
@@ -443,11 +430,7 @@ def train(
     cfg.dataset()  # validate against the data before creating anything
     # the forcing checks (NaN, negative rates) also come before the run folder
     forcing, observed, dates = _segment(cfg, p.training_end)
-    resuming = run_dir is not None
-    run_dir = Path(run_dir) if resuming else new_run_dir(cfg, output_dir, "train")
-    log(f"run folder: {run_dir}")
-    if resuming:
-        _remove_stale_temporaries(run_dir)
+    run_dir, resuming = _open_run_dir(cfg, output_dir, run_dir, log)
     t_all = _time.perf_counter()
     masks = period_masks(cfg, dates)
     train_mask, val_mask = masks["train"], masks.get("validation")
@@ -464,7 +447,7 @@ def train(
             physics.set_parameters(dict(cfg.model.parameters))
         with _sigint_guard(run_dir, "calibration"):
             m0 = _calibrate_m0(cfg, physics, forcing, observed, train_mask, progress, log)
-        _atomic_torch_save(m0, m0_path)
+        atomic_torch_save(m0, m0_path)
         _update_info(run_dir, stage="calibrated", timings={"calibration": m0["seconds"]})
     physics.set_parameters(m0["parameters"])
     params = m0["parameters"]
@@ -489,7 +472,7 @@ def train(
                 with _sigint_guard(run_dir, "pretraining"):
                     history = _pretrain(cfg, hybrid, physics, params, forcing, log)
                 pre = {"state_dict": hybrid.state_dict(), "history": history}
-                _atomic_torch_save(pre, pre_path)
+                atomic_torch_save(pre, pre_path)
                 _update_info(run_dir, stage="pretrained", timings={"pretraining": _time.perf_counter() - t0})
             result = None
             if t.epochs > 0:
@@ -515,7 +498,7 @@ def train(
             else:
                 hybrid.set_parameters(params)
                 log("training.epochs = 0: the hybrid keeps its pretrained networks")
-            _atomic_torch_save({
+            atomic_torch_save({
                 "state_dict": hybrid.state_dict(),
                 "parameters": hybrid.physical_parameters().detach(),
                 "parameter_names": list(hybrid.parameter_names),
@@ -647,73 +630,77 @@ def write_results(path: str | os.PathLike, *, dates: np.ndarray, basins: Sequenc
         /basins           utf-8 [basin]
         /observed         float64 [basin, time], NaN = missing (attrs name, units)
         /periods/<name>   bool [time]: train, validation, test where configured
-        /models/<key>/    key "m0" (physics) or "hybrid"; attrs name, kind, method, networks
+        /models/<key>/    key "m0" (physics), "hybrid" or "regional"; attrs name, kind, method, networks
             discharge     float64 [basin, time], mm/day (sum of the discharge fluxes)
             stores/<s>    float64 [basin, time], content at the END of each day (attrs units,
                           initial = content at the start of the first day [basin])
             fluxes/<f>    float64 [basin, time], total over each day (attrs units = mm/day,
                           source, target, network = whether a network computes it)
             parameters    float64 [basin, P] (attrs names, units)
+
+    Each block of ``models`` holds ``model``, ``parameters`` ``[basin, P]``, ``kind`` and
+    either ``solution`` (a :class:`~adjointhydro.solve.Solution`: discharge, stores and
+    fluxes are written) or ``discharge`` ``[basin, time]`` mm/day alone with ``method``
+    (regional runs, which simulate discharge only: ``stores/`` and ``fluxes/`` are then
+    empty groups).
     """
     path = Path(path)
-    tmp = _tmp_for(path)
     str_dt = h5py.string_dtype("utf-8")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = RESULTS_FORMAT
-            f.attrs["version"] = np.int64(RESULTS_VERSION)
-            f.attrs["created"] = _dt.datetime.now().isoformat(timespec="seconds")
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v if v is not None else ""
-            d = np.asarray(dates).astype("datetime64[D]")
-            ds = f.create_dataset("dates", data=(d - _EPOCH).astype(np.int64))
-            ds.attrs["units"] = "days since 1970-01-01"
-            ds.attrs["first"] = str(d[0])
-            ds.attrs["last"] = str(d[-1])
-            f.create_dataset("basins", data=np.array(list(basins), dtype=object), dtype=str_dt)
-            o = f.create_dataset("observed", data=np.asarray(observed, dtype=np.float64))
-            o.attrs["name"] = observed_name
-            o.attrs["units"] = observed_units
-            o.attrs["missing"] = "NaN"
-            g = f.create_group("periods")
-            for name, mask in masks.items():
-                g.create_dataset(name, data=np.asarray(mask, dtype=bool))
-            gm = f.create_group("models")
-            for key, block in models.items():
-                model, sol, params = block["model"], block["solution"], block["parameters"]
-                networks = [n for fl in model.neural_fluxes() for n in fl.names]
-                mg = gm.create_group(key)
-                mg.attrs["name"] = model.name
-                mg.attrs["kind"] = block.get("kind", key)
-                mg.attrs["method"] = str(sol.stats.get("method", ""))
-                mg.attrs["networks"] = np.array(networks, dtype=object) if networks else np.array([], dtype="S1")
-                q = mg.create_dataset("discharge", data=sol.discharge.detach().numpy().astype(np.float64))
-                q.attrs["units"] = "mm/day"
-                q.attrs["fluxes"] = ", ".join(sol.discharge_names)
-                sg = mg.create_group("stores")
-                for i, (s, u) in enumerate(zip(sol.store_names, sol.store_units)):
-                    x = sol.stores[:, :, i].detach().numpy().astype(np.float64)
-                    sd = sg.create_dataset(s, data=x[:, 1:])
-                    sd.attrs["units"] = u
-                    sd.attrs["initial"] = x[:, 0]
-                    sd.attrs["description"] = "content at the end of each day"
-                fg = mg.create_group("fluxes")
-                wiring = {n: (a, b) for n, a, b in sol.wiring}
-                for j, name in enumerate(sol.flux_names):
-                    fd = fg.create_dataset(name, data=sol.fluxes[:, :, j].detach().numpy().astype(np.float64))
-                    unit = sol.flux_units[j]
-                    fd.attrs["units"] = f"{unit}/day" if unit and "/" not in unit else unit
-                    fd.attrs["source"] = wiring[name][0] or "outside"
-                    fd.attrs["target"] = wiring[name][1] or "outside"
-                    fd.attrs["network"] = name in networks
-                    fd.attrs["description"] = "total over each day"
-                pd = mg.create_dataset("parameters", data=params.detach().numpy().astype(np.float64))
-                pd.attrs["names"] = np.array(list(model.parameter_names), dtype=object)
-                pd.attrs["units"] = np.array([p.units for p in model.parameters_spec], dtype=object)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = RESULTS_FORMAT
+        f.attrs["version"] = np.int64(RESULTS_VERSION)
+        f.attrs["created"] = _dt.datetime.now().isoformat(timespec="seconds")
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v if v is not None else ""
+        d = np.asarray(dates).astype("datetime64[D]")
+        ds = f.create_dataset("dates", data=(d - _EPOCH).astype(np.int64))
+        ds.attrs["units"] = "days since 1970-01-01"
+        ds.attrs["first"] = str(d[0])
+        ds.attrs["last"] = str(d[-1])
+        f.create_dataset("basins", data=np.array(list(basins), dtype=object), dtype=str_dt)
+        o = f.create_dataset("observed", data=np.asarray(observed, dtype=np.float64))
+        o.attrs["name"] = observed_name
+        o.attrs["units"] = observed_units
+        o.attrs["missing"] = "NaN"
+        g = f.create_group("periods")
+        for name, mask in masks.items():
+            g.create_dataset(name, data=np.asarray(mask, dtype=bool))
+        gm = f.create_group("models")
+        for key, block in models.items():
+            model, sol, params = block["model"], block.get("solution"), block["parameters"]
+            networks = [n for fl in model.neural_fluxes() for n in fl.names]
+            mg = gm.create_group(key)
+            mg.attrs["name"] = model.name
+            mg.attrs["kind"] = block.get("kind", key)
+            method = block.get("method") or (sol.stats.get("method", "") if sol is not None else "")
+            mg.attrs["method"] = str(method)
+            mg.attrs["networks"] = np.array(networks, dtype=object) if networks else np.array([], dtype="S1")
+            qsim = sol.discharge.detach().numpy() if sol is not None else np.asarray(block["discharge"])
+            q = mg.create_dataset("discharge", data=qsim.astype(np.float64))
+            q.attrs["units"] = "mm/day"
+            q.attrs["fluxes"] = ", ".join(sol.discharge_names if sol is not None else model.discharge_fluxes)
+            sg = mg.create_group("stores")
+            fg = mg.create_group("fluxes")
+            pd = mg.create_dataset("parameters", data=torch.as_tensor(params).detach().numpy().astype(np.float64))
+            pd.attrs["names"] = np.array(list(model.parameter_names), dtype=object)
+            pd.attrs["units"] = np.array([p.units for p in model.parameters_spec], dtype=object)
+            if sol is None:
+                continue
+            for i, (s, u) in enumerate(zip(sol.store_names, sol.store_units)):
+                x = sol.stores[:, :, i].detach().numpy().astype(np.float64)
+                sd = sg.create_dataset(s, data=x[:, 1:])
+                sd.attrs["units"] = u
+                sd.attrs["initial"] = x[:, 0]
+                sd.attrs["description"] = "content at the end of each day"
+            wiring = {n: (a, b) for n, a, b in sol.wiring}
+            for j, name in enumerate(sol.flux_names):
+                fd = fg.create_dataset(name, data=sol.fluxes[:, :, j].detach().numpy().astype(np.float64))
+                unit = sol.flux_units[j]
+                fd.attrs["units"] = f"{unit}/day" if unit and "/" not in unit else unit
+                fd.attrs["source"] = wiring[name][0] or "outside"
+                fd.attrs["target"] = wiring[name][1] or "outside"
+                fd.attrs["network"] = name in networks
+                fd.attrs["description"] = "total over each day"
     return path
 
 
@@ -887,8 +874,7 @@ def simulate(cfg: Config, *, parameters: Mapping[str, float] | None = None,
                       attrs={"run": cfg.run.name, "config": cfg.text, "command": "simulate"})
         log(f"wrote {out}")
         return out
-    run_dir = new_run_dir(cfg, output_dir, "simulate")
-    log(f"run folder: {run_dir}")
+    run_dir, _ = _open_run_dir(cfg, output_dir, None, log, "simulate")
     _write_outputs(run_dir, cfg, dates, list(forcing.basins), observed, masks, blocks, command="simulate",
                    histories=None, log=log)
     _update_info(run_dir, stage="done", parameters={n: pm[:, j].tolist() for j, n in enumerate(physics.parameter_names)})

@@ -192,10 +192,17 @@ class Solution:
 class _Problem:
     """Everything a period integration needs, independent of the rows being solved."""
 
-    def __init__(self, model: Model, forcing: Forcing, fidx: list[int], tab, rtol, atol, fixed_step, max_steps):
+    def __init__(self, model: Model, forcing: Forcing, fidx: list[int], tab, rtol, atol, fixed_step, max_steps,
+                 dynamic: tuple[str, ...] = ()):
         self.model = model
-        self.fnames = tuple(forcing.names[i] for i in fidx)
+        # dynamic parameters travel as extra forcing columns (after the model's forcing),
+        # so they are interpolated, gathered and differentiated exactly like forcing
+        self.fnames = tuple(forcing.names[i] for i in fidx) + tuple(dynamic)
         self.fidx = fidx
+        # the fluxes read a dynamic parameter from the forcing columns, so its static
+        # column is left out of the parameter variables (None: every column, no gather)
+        self.pnames = tuple(n for n in model.parameter_names if n not in dynamic)
+        self.pcols = [model.parameter_names.index(n) for n in self.pnames] if dynamic else None
         self.span = float(forcing.step)
         self.mode = forcing.interpolation
         self.basins = forcing.basins
@@ -221,6 +228,8 @@ class _Problem:
         else:
             pr = params[b_idx]
             fk = fvals[b_idx, k_idx]
+        if self.pcols is not None:
+            pr = pr[:, self.pcols]
         span = self.span
         if self.mode == "constant" or fvals.shape[1] == 1:
             fp = fn = None
@@ -232,7 +241,7 @@ class _Problem:
             else:
                 fp = fvals[b_idx, (k_idx - 1).clamp(min=0)]
                 fn = fvals[b_idx, (k_idx + 1).clamp(max=T - 1)]
-        fnames, pnames = self.fnames, model.parameter_names
+        fnames, pnames = self.fnames, self.pnames
 
         def flux_for(idx):
             """Rate function for the rows ``idx`` (forcing and parameters gathered once)."""
@@ -524,12 +533,13 @@ class _CheckpointedSolve(torch.autograd.Function):
 class _TorchdiffeqRHS(nn.Module):
     """Augmented right-hand side for torchdiffeq: stores and cumulative flux totals."""
 
-    def __init__(self, model: Model, fvals: torch.Tensor, params: torch.Tensor, fnames, span, mode):
+    def __init__(self, model: Model, fvals: torch.Tensor, params: torch.Tensor, fnames, span, mode, pnames=None):
         super().__init__()
         self.model = model
         self.fvals = fvals
         self.params = params
         self.fnames = fnames
+        self.pnames = model.parameter_names if pnames is None else pnames
         self.span = span
         self.mode = mode
         self.n = model.n_stores
@@ -542,7 +552,7 @@ class _TorchdiffeqRHS(nn.Module):
         F = self.model.fluxes(
             y,
             Vars(zip(self.fnames, f.unbind(-1))),
-            Vars(zip(self.model.parameter_names, self.params.unbind(-1))),
+            Vars(zip(self.pnames, self.params.unbind(-1))),
         )
         return torch.cat([F @ self.model.wiring_matrix.to(F.dtype), F], dim=-1)
 
@@ -552,7 +562,11 @@ def _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_
 
     B, T = fvals.shape[0], fvals.shape[1]
     span = prob.span
-    rhs = _TorchdiffeqRHS(model, fvals, params, prob.fnames, span, prob.mode)
+    if prob.pcols is not None:
+        # the static columns only (dynamic parameters are read from fvals); this is also
+        # the tensor whose gradient the adjoint accumulates
+        params = params[:, prob.pcols]
+    rhs = _TorchdiffeqRHS(model, fvals, params, prob.fnames, span, prob.mode, prob.pnames)
     z0 = torch.cat([y0, torch.zeros(B, model.n_fluxes, dtype=y0.dtype, device=y0.device)], dim=-1)
     t = torch.arange(T + 1, dtype=y0.dtype, device=y0.device) * span
     opts = dict(options or {})
@@ -596,11 +610,56 @@ def _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_
 
 
 # ------------------------------------------------------------------------- solve
+def _dynamic_values(
+    model: Model, forcing: Forcing, dynamic: Mapping[str, torch.Tensor | np.ndarray], dtype: torch.dtype
+) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Names (in the model's parameter order) and values ``[basin, period, D]`` of the
+    dynamic parameters; clear errors for unknown names, wrong shapes, NaN or values
+    outside the bounds (the bounds are checked where the values carry no gradient:
+    a parameter network maps into them by construction)."""
+    unknown = [n for n in dynamic if n not in model.parameter_names]
+    if unknown:
+        raise ModelError(
+            f"{model.name}: unknown dynamic parameters {sorted(map(str, unknown))}; "
+            f"parameters: {list(model.parameter_names)}"
+        )
+    B, T = forcing.n_basins, forcing.n_steps
+    names = tuple(n for n in model.parameter_names if n in dynamic)
+    cols = []
+    for name in names:
+        given = dynamic[name]
+        if isinstance(given, torch.Tensor):
+            v = given.to(dtype)
+        else:
+            v = torch.as_tensor(np.asarray(given, dtype=np.float64), dtype=dtype)
+        if v.ndim != 1 and (v.ndim != 2 or v.shape[0] not in (1, B)) or v.shape[-1] != T:
+            raise ModelError(
+                f"{model.name}: dynamic parameter {name!r} must have shape [{B}, {T}] (basin, period) "
+                f"or [{T}], got {tuple(v.shape)}"
+            )
+        if v.ndim == 1:
+            v = v[None]
+        v = v.expand(B, T)
+        spec = model.parameters_spec[model.parameter_names.index(name)]
+        vd = v.detach()
+        bad = ~torch.isfinite(vd) if v.requires_grad else ~((vd >= spec.low) & (vd <= spec.high))
+        if bad.any():
+            b, k = (int(i) for i in bad.nonzero()[0])
+            raise ModelError(
+                f"{model.name}: dynamic parameter {name!r} = {float(vd[b, k])} for basin "
+                f"{forcing.basins[b]!r} at {forcing.date_str(k)} is not finite or outside its bounds "
+                f"[{spec.low}, {spec.high}] {spec.units} ({int(bad.sum())} such values)"
+            )
+        cols.append(v)
+    return names, torch.stack(cols, -1)
+
+
 def solve(
     model: Model,
     forcing: Forcing,
     *,
     parameters: torch.Tensor | Mapping[str, float | Sequence[float] | torch.Tensor] | None = None,
+    dynamic_parameters: Mapping[str, torch.Tensor | np.ndarray] | None = None,
     initial_state: torch.Tensor | Mapping[str, float | Sequence[float] | torch.Tensor] | None = None,
     method: str = "dopri5",
     rtol: float = 1e-3,
@@ -619,6 +678,13 @@ def solve(
         parameters: physical parameter values: ``[P]``, ``[basin, P]`` or name -> value(s).
             Default: the model's own (:meth:`Model.physical_parameters`), differentiable.
             Values outside the bounds raise :class:`~adjointhydro.model.ModelError`.
+        dynamic_parameters: parameters that vary in time: name -> values per period
+            ``[basin, period]`` (or ``[period]`` for every basin), in the parameter's
+            units and within its bounds. Like forcing, a period's value holds over the
+            period (``forcing.interpolation``: piecewise constant by default), and it
+            replaces the parameter's static value in the fluxes; a store whose initial
+            value reads the parameter reads the first period's value. Differentiable
+            under every sensitivity. ``None`` (default): every parameter is static.
         initial_state: stores at the start ``[basin, n]`` or name -> value(s);
             default: each store's ``initial``.
         method: ``dopri5`` (default), ``bosh3`` (adaptive), ``euler``, ``midpoint``,
@@ -714,6 +780,14 @@ def solve(
     params = params.expand(B, -1)
     if model.parameter_names and not params.requires_grad:
         model.check_parameters(params)
+    dyn_names: tuple[str, ...] = ()
+    if dynamic_parameters:
+        dyn_names, dvals = _dynamic_values(model, forcing, dynamic_parameters, dtype)
+        # the first period's value stands in for the static one (initial state only)
+        cols = list(params.unbind(-1))
+        for i, name in enumerate(dyn_names):
+            cols[model.parameter_names.index(name)] = dvals[:, 0, i]
+        params = torch.stack(cols, -1)
     # initial state
     pv = Vars(zip(model.parameter_names, params.unbind(-1)))
     if initial_state is None:
@@ -740,13 +814,15 @@ def solve(
         raise ModelError(f"{model.name}: initial state has non-finite values")
     fidx = [forcing.index(n) for n in model.forcing_names]
     fvals = forcing.values[..., fidx].to(dtype)
+    if dyn_names:
+        fvals = torch.cat([fvals, dvals.to(fvals.device)], dim=-1)
     tab = _rk.TABLEAUS.get(method)
     fixed = None
     if native and tab.e is None:
         fixed = float(step_size or forcing.step)
     elif native and step_size is not None:
         fixed = float(step_size)  # adaptive tableau used with a fixed step
-    prob = _Problem(model, forcing, fidx, tab, rtol, atol, fixed, max_steps)
+    prob = _Problem(model, forcing, fidx, tab, rtol, atol, fixed, max_steps, dyn_names)
     t0 = _time.perf_counter()
     if not native or isinstance(sens, Adjoint):
         Y, Q = _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_size, sens, options)

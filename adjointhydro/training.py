@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time as _time
 import warnings
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from .forcing import Forcing
 from .metrics import LOSSES
 from .model import Model
 from .solve import CheckpointedAdjoint, Solution, SolverError, solve
+from ._io import atomic_torch_save as _atomic_save  # the package's one atomic writer
 
 __all__ = [
     "calibrate",
@@ -861,32 +861,6 @@ def _lr_at(schedule: str | None, base: float, epoch: int, epochs: int) -> float:
         return base * 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
     step = max(1, round(epochs / 3))  # "step": x0.1 after each third of the epochs
     return base * 0.1 ** (epoch // step)
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, flush + fsync, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def _clone_state(model: Model) -> dict[str, torch.Tensor]:

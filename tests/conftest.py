@@ -68,3 +68,42 @@ def exphydro_sample_forcing(n_days: int | None = None) -> Forcing:
 def _threads():
     torch.set_num_threads(1)
     yield
+
+
+#: Caravan column names of the synthetic CSV folder (write_csv_folder) -> the model's names.
+CARAVAN_RENAME = {"total_precipitation_sum": "P", "temperature_2m_mean": "T", "potential_evaporation_sum": "PET"}
+
+
+def write_csv_folder(root: Path, ds, gap: tuple[str, int, int] | None = None) -> tuple[Path, Path]:
+    """Write a BasinDataset (forcing P, T, PET; observation Q) in the Caravan layout under ``root``.
+
+    ``root/timeseries/<basin>.csv`` (columns date, Caravan forcing names, streamflow; a missing
+    observation is an empty cell) and two attribute tables in ``root/attributes/`` joined on
+    ``gauge_id`` (the first with a text column, rows in reverse order). ``gap = (basin, i, j)``
+    empties the streamflow of that basin on days i..j-1. Values are written exactly (repr).
+    Returns (timeseries folder, attributes folder).
+    """
+    ts, att = root / "timeseries", root / "attributes"
+    ts.mkdir(parents=True)
+    att.mkdir(parents=True)
+    names = {v: k for k, v in CARAVAN_RENAME.items()}
+    for b, basin in enumerate(ds.basins):
+        q = ds.observed("Q")[b].copy()
+        if gap is not None and gap[0] == basin:
+            q[gap[1]:gap[2]] = np.nan
+        cols = [ds.forcing_variable(v)[b] for v in ("P", "T", "PET")]
+        lines = ["date," + ",".join(names[v] for v in ("P", "T", "PET")) + ",streamflow"]
+        for t, d in enumerate(ds.dates):
+            obs = "" if np.isnan(q[t]) else repr(float(q[t]))
+            lines.append(f"{d}," + ",".join(repr(float(c[t])) for c in cols) + f",{obs}")
+        (ts / f"{basin}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    half = len(ds.attribute_names) // 2
+    for k, (fname, cols) in enumerate((("attributes_a.csv", ds.attribute_names[:half]),
+                                       ("attributes_b.csv", ds.attribute_names[half:]))):
+        lines = ["gauge_id," + ("gauge_name," if k == 0 else "") + ",".join(cols)]
+        order = range(len(ds.basins) - 1, -1, -1) if k == 0 else range(len(ds.basins))
+        for b in order:
+            name = f"Creek {b}," if k == 0 else ""
+            lines.append(f"{ds.basins[b]}," + name + ",".join(repr(float(ds.attribute(c)[b])) for c in cols))
+        (att / fname).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ts, att

@@ -322,3 +322,43 @@ def test_solver_parallel_forward(tmp_path):
     assert "solver.parallel_forward" in msg and "true or false" in msg
     msg = error_of(tmp_path, GOOD + '[solver]\nsensitivity = "direct"\nparallel_forward = true\n', check_data=False)
     assert "solver.parallel_forward" in msg and "'direct'" in msg
+
+
+def test_csv_folder_for_a_single_basin_run(tmp_path):
+    """source = 'csv_folder' without attributes serves single-basin runs (here: simulate)."""
+    from conftest import write_csv_folder
+
+    from adjointhydro.runs import read_results, simulate
+    from adjointhydro.synthetic import make_synthetic_basins
+
+    syn = make_synthetic_basins(3, years=1, seed=1, method="euler")
+    ts, _ = write_csv_folder(tmp_path / "caravan", syn.dataset)
+    text = f"""
+[data]
+source = "csv_folder"
+path = "{ts}"
+basins = ["syn0001"]
+observed = "streamflow"
+rename = {{ total_precipitation_sum = "P", temperature_2m_mean = "T", potential_evaporation_sum = "PET", streamflow = "Q" }}
+[periods]
+train_start = "2000-03-01"
+train_end = "2000-12-30"
+[model]
+name = "exphydro"
+[solver]
+method = "euler"
+"""
+    cfg = load_config(write(tmp_path, text))
+    ds = cfg.dataset()
+    assert ds.basins == ["syn0001"] and ds.attribute_names == []
+    assert ds.forcing_names == ["P", "T", "PET"] and ds.forcing_units == ["mm/day", "degC", "mm/day"]
+    assert ds.observation_names == ["Q"] and ds.observation_units == ["mm/day"]
+    np.testing.assert_array_equal(ds.forcing_variable("T")[0], syn.dataset.forcing_variable("T")[1])
+    np.testing.assert_array_equal(ds.observed("Q")[0], syn.dataset.observed("Q")[1])
+    res = read_results(simulate(cfg, output=tmp_path / "sim.h5", log=lambda m: None))
+    assert res["basins"] == ["syn0001"] and res["models"]["m0"]["discharge"].shape == (1, 305)
+    # the keys of the attribute tables are errors without source = 'csv_folder'
+    msg = error_of(tmp_path, GOOD + '[data]\nid_column = "basin"\n')
+    assert "data.id_column: only used with source = 'csv_folder', not 'leaf_river'" in msg
+    msg = error_of(tmp_path, text.replace('source = "csv_folder"', 'source = "csv_folder"\ndate_column = ""'))
+    assert "data.date_column: must not be empty" in msg

@@ -1,0 +1,81 @@
+"""Atomic file writes (private): one implementation for the whole package.
+
+A file is written to a temporary file in the target's folder (a hidden
+``.<name>.<random>.tmp``), flushed to disk (fsync), then renamed onto the target
+with :func:`os.replace`, which is atomic on one file system. A reader, or a run that
+is killed half-way, therefore sees either the previous complete file or the new
+complete one, never a partial one; a failed write deletes its temporary file (a
+killed process may leave one behind, which ``runs._remove_stale_temporaries``
+removes on resume).
+
+Imports flow one way: model and solve know nothing of files; training and regional
+may import this module; runs and cli may import anything.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+__all__ = ["atomic_path", "atomic_write_text", "atomic_torch_save"]
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield the name of a new temporary file beside ``path`` to write completely.
+
+    When the block ends without an exception the temporary file is fsynced and renamed
+    onto ``path``; on any exception (Ctrl-C included) it is deleted and ``path`` keeps
+    its previous content. Any writer works (text, ``torch.save``, ``h5py.File``), which
+    is why the fsync reopens the file instead of relying on the writer's handle.
+    """
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_folder(folder)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding=encoding) as fh:
+            fh.write(text)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_path`)."""
+    import torch  # only the writers of checkpoints need it
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
