@@ -131,6 +131,31 @@ def test_calibrate_lbfgs_survives_solver_failure(leaf, monkeypatch):
     assert np.isfinite(res.all_start_losses).all()
 
 
+def test_calibrate_lbfgs_trial_steps_stay_in_the_trust_region(leaf, monkeypatch):
+    """Near a bound the sigmoid's gradient vanishes and the quasi-Newton step can leap into
+    a corner of the parameter box (on Leaf River a stiff, empty bucket that cost one trial
+    solve minutes); such trials are rejected without a solve, and calibration still converges."""
+    model, forcing, truth, sol = _synthetic(leaf, 120)
+    q = sol.discharge.numpy()
+    seen = []
+
+    def recording_solve(*a, **k):
+        seen.append(model.to_unconstrained(k["parameters"].detach()).clone())
+        return solve(*a, **k)
+
+    monkeypatch.setattr(training, "solve", recording_solve)
+    res = calibrate(model, forcing, q, score_mask=np.arange(120) >= 20, optimizer="lbfgs", n_starts=2,
+                    iterations=8, seed=0)
+    raw = torch.stack(seen)  # [solve, row, parameter]
+    # every trial lies within the trust radius (4 logit units) of the iterate it was tried
+    # from, so two consecutive evaluations are at most 8 apart (without it, this start's
+    # second iteration tries a point 24 away)
+    assert training._LBFGS_TRUST == 4.0
+    assert float((raw[1:] - raw[:-1]).abs().max()) <= 8.0
+    assert res.n_failed_solves == 0
+    assert res.loss[0] < 0.02  # 1 - NSE against the synthetic truth
+
+
 @pytest.mark.slow
 def test_calibrate_recovers_parameters_two_years(leaf):
     model, forcing, truth, sol = _synthetic(leaf, 730)
@@ -276,6 +301,9 @@ def test_train_hybrid_resume_equals_uninterrupted(leaf, tmp_path):
         train_hybrid(part_model, forcing, obs, checkpoint_dir=tmp_path / "run", on_epoch=stop_after_three, **kw)
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 3 and len(ck["history"]) == 3
+    # the warm start of the next epoch's Newton forward solve is saved with the checkpoint
+    # (restored on resume: otherwise the resumed steps differ at the solver tolerance)
+    assert ck["warm_start"].shape == (1, forcing.n_steps + 1, 1)  # one store (no snow)
     # ... and resumed on a fresh model object
     seen = []
     res_model = _small_hybrid()
