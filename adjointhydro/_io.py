@@ -8,7 +8,7 @@ complete one, never a partial one; a failed write deletes its temporary file (a
 killed process may leave one behind, which ``runs._remove_stale_temporaries``
 removes on resume).
 
-Imports flow one way: model and solve know nothing of files; training and regional
+Imports flow one way: model and solve know nothing of files; training, regional and symbolic
 may import this module; runs and cli may import anything.
 """
 from __future__ import annotations

@@ -89,6 +89,28 @@ DEFAULT_METRICS = ("nse", "kge", "rmse", "pbias")
 
 
 # ----------------------------------------------------------------- the network
+def _parameter_mlp(n_in: int, hidden: Sequence[int], activation, dropout: float, bias: torch.Tensor,
+                   dtype: torch.dtype) -> nn.Sequential:
+    """MLP whose last layer starts at zero weights and ``bias`` (logits of the starting
+    parameter values), so an untrained network gives the same values for every basin."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), activation()]
+        if dropout > 0:
+            layers.append(nn.Dropout(float(dropout)))
+        width = int(h)
+    with warnings.catch_warnings():  # every parameter fixed or dynamic: an empty (unused) layer
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        last = nn.Linear(width, len(bias))
+    layers.append(last)
+    net = nn.Sequential(*layers).to(dtype)  # before the bias is set: no rounding through float32
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(bias)
+    return net
+
+
 class AttributeParameters(nn.Module):
     """MLP from static catchment attributes ``[B, A]`` to physical parameters ``[B, P]``.
 
@@ -199,22 +221,9 @@ class AttributeParameters(nn.Module):
                 raise ValueError(f"fixed {n} = {v} is outside its bounds [{float(low[j])}, {float(high[j])}]")
             fixed_values[j] = float(v)
         self.register_buffer("fixed_values", fixed_values)
-        layers: list[nn.Module] = []
-        width = len(names)
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), activation()]
-            if dropout > 0:
-                layers.append(nn.Dropout(float(dropout)))
-            width = int(h)
-        with warnings.catch_warnings():  # every parameter fixed or dynamic: an empty (unused) layer
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-            last = nn.Linear(width, len(learned))
-        layers.append(last)
-        self.net = nn.Sequential(*layers).to(dtype)
-        with torch.no_grad():
-            last.weight.zero_()
-            u = ((fixed_values - low) / (high - low))[learned].clamp(1e-3, 1 - 1e-3)
-            last.bias.copy_(torch.log(u) - torch.log1p(-u))
+        u = ((fixed_values - low) / (high - low)).clamp(1e-3, 1 - 1e-3)
+        self.net = _parameter_mlp(len(names), hidden, activation, dropout, (torch.log(u) - torch.log1p(-u))[learned],
+                                  dtype)
         if dyn:
             # built (and its buffers registered) only when used: a static network keeps
             # its state_dict, its random draws and so its results unchanged
@@ -222,20 +231,10 @@ class AttributeParameters(nn.Module):
             self.register_buffer("dynamic_index", torch.tensor(jd, dtype=torch.long))
             self.register_buffer("summary_mean", torch.zeros(len(dyn_inputs), dtype=dtype))
             self.register_buffer("summary_std", torch.ones(len(dyn_inputs), dtype=dtype))
-            dlayers: list[nn.Module] = []
-            width = len(names) + len(dyn_inputs)
-            for h in (hidden if dynamic_hidden is None else dynamic_hidden):
-                dlayers += [nn.Linear(width, int(h)), activation()]
-                if dropout > 0:
-                    dlayers.append(nn.Dropout(float(dropout)))
-                width = int(h)
-            dlast = nn.Linear(width, len(dyn))
-            dlayers.append(dlast)
-            self.dynamic_net = nn.Sequential(*dlayers).to(dtype)
-            with torch.no_grad():
-                dlast.weight.zero_()
-                u = ((fixed_values - low) / (high - low))[jd].clamp(1e-3, 1 - 1e-3)
-                dlast.bias.copy_(torch.log(u) - torch.log1p(-u))
+            self.dynamic_net = _parameter_mlp(
+                len(names) + len(dyn_inputs), hidden if dynamic_hidden is None else dynamic_hidden, activation,
+                dropout, (torch.log(u) - torch.log1p(-u))[jd], dtype,
+            )
 
     @property
     def n_attributes(self) -> int:

@@ -83,7 +83,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +94,7 @@ import torch
 from scipy.optimize import least_squares
 from torch import nn
 
+from ._io import atomic_path
 from .fluxes import Flux, NeuralFluxGroup, Vars
 from .forcing import Forcing
 from .model import Model, ModelError
@@ -2578,21 +2578,10 @@ def _jsonable(x: Any) -> Any:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, ``os.replace``)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _figure_bytes(fig) -> bytes:
