@@ -29,20 +29,14 @@ from adjointhydro.synthetic import TWIN_BOUNDS, make_synthetic_basins, true_para
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import synthetic_forcing  # noqa: E402
+from test_cli_regional import _config  # noqa: E402  (the regional CLI test configuration)
+from test_regional import _short  # noqa: E402  (the short static training run)
 
 
 @pytest.fixture(scope="module")
 def small():
     """8 synthetic basins, 2 years (Euler steps: fast); the same as tests/test_regional.py."""
     return make_synthetic_basins(8, 2, seed=2, method="euler")
-
-
-def _short(ds, **kw):
-    args = dict(train_mask=np.arange(730) >= 200, val_mask=np.arange(730) >= 600, epochs=2, batch_size=4,
-                window=150, warmup=200, method="euler", sensitivity="direct", lr=1e-2, patience=None,
-                hidden=(8,), parameter_bounds=TWIN_BOUNDS)
-    args.update(kw)
-    return train_regional(exphydro(), ds, **args)
 
 
 # ------------------------------------------------------------- (a) static unchanged
@@ -285,42 +279,6 @@ def test_twin_recovers_a_parameter_that_varies_with_recent_temperature():
 
 
 # ------------------------------------------------------------- configuration and CLI
-def _regional_config(h5: Path, regional: str) -> str:
-    return f"""
-[run]
-name = "syn_dyn"
-seed = 0
-
-[data]
-source = "hdf5"
-path = "{h5}"
-
-[periods]
-warmup_start = "2000-01-01"
-train_start = "2000-03-01"
-train_end = "2000-09-30"
-validation_start = "2000-10-01"
-validation_end = "2000-12-30"
-
-[model]
-name = "exphydro"
-
-[solver]
-method = "euler"
-sensitivity = "checkpoint"
-
-[regional]
-attributes = ["aridity", "soil_depth", "forest_frac"]
-hidden = [8]
-epochs = 2
-lr = 0.02
-batch_basins = 2
-window = 60
-warmup = 30
-{regional}
-"""
-
-
 @pytest.fixture(scope="module")
 def h5(tmp_path_factory):
     from adjointhydro.data import write_hdf5
@@ -343,7 +301,7 @@ def test_config_dynamic_keys_errors_name_the_key(tmp_path, h5, regional, key):
     from adjointhydro.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as e:
-        parse_config(_regional_config(h5, regional), path=tmp_path / "c.toml")
+        parse_config(_config(h5, regional), path=tmp_path / "c.toml")
     assert key in str(e.value)
 
 
@@ -351,7 +309,7 @@ def test_dynamic_parameters_through_the_cli(tmp_path, h5, capsys):
     from adjointhydro.cli import main
 
     cfg = tmp_path / "config.toml"
-    cfg.write_text(_regional_config(h5, 'dynamic_parameters = ["f"]\ndynamic_inputs = ["P", "T"]\n'
+    cfg.write_text(_config(h5, 'dynamic_parameters = ["f"]\ndynamic_inputs = ["P", "T"]\n'
                                         'dynamic_lookback = 10'), encoding="utf-8")
     assert main(["train", str(cfg), "-q", "-o", str(tmp_path / "runs")]) == 0
     (run,) = list((tmp_path / "runs").iterdir())
