@@ -59,7 +59,7 @@ from .metrics import calculate_metrics
 from .model import Model
 from .models import exphydro
 from .training import _atomic_save  # one atomic checkpoint writer for the package
-from ._io import atomic_write_text
+from ._io import atomic_path, atomic_write_text
 from .solve import solve
 
 __all__ = [
@@ -286,10 +286,7 @@ class AttributeParameters(nn.Module):
         """
         if not self.is_dynamic:
             raise ValueError("this network has no dynamic parameters")
-        missing = [n for n in self.dynamic_inputs if n not in forcing.names]
-        if missing:
-            raise ValueError(f"{forcing.source}: dynamic input(s) {missing} not in the forcing; "
-                             f"available: {list(forcing.names)}")
+        _require_dynamic_inputs(self.dynamic_inputs, forcing.names, forcing.source)
         x = forcing.values[..., [forcing.index(n) for n in self.dynamic_inputs]]
         return trailing_mean(x.to(self.summary_mean.dtype), self.lookback)
 
@@ -540,14 +537,19 @@ def _as_data(
     return _Data(forcing, o, a, tuple(names), summaries)
 
 
+def _require_dynamic_inputs(inputs: Sequence[str], have: Sequence[str], source: str) -> None:
+    """Raise, naming the data source and its variables, if a dynamic input is not in the forcing."""
+    missing = [n for n in inputs if n not in have]
+    if missing:
+        raise ValueError(f"{source}: dynamic input(s) {missing} not in the forcing; available: {list(have)}")
+
+
 def _forcing_summaries(network: AttributeParameters, data: BasinDataset | Forcing) -> torch.Tensor:
     """Trailing means ``[B, T, K]`` of the network's dynamic inputs, read from ``data``
     (any of its forcing variables, not only the model's)."""
     inputs = list(network.dynamic_inputs)
-    have = list(data.forcing_names) if isinstance(data, BasinDataset) else list(data.names)
-    missing = [n for n in inputs if n not in have]
-    if missing:
-        raise ValueError(f"{data.source}: dynamic input(s) {missing} not in the forcing; available: {have}")
+    _require_dynamic_inputs(inputs, data.forcing_names if isinstance(data, BasinDataset) else data.names,
+                            data.source)
     src = data.to_forcing(inputs) if isinstance(data, BasinDataset) else data
     return network.forcing_summaries(src)
 
@@ -658,11 +660,6 @@ def _dynamic_series(network: AttributeParameters, d: _Data, idx: Sequence[int], 
     return network.dynamic_series(d.attributes[list(idx)], m)
 
 
-def _atomic_text(text: str, path: Path) -> None:
-    """Write ``text`` atomically (the package's writer, :mod:`adjointhydro._io`; (text, path) order)."""
-    atomic_write_text(path, text)
-
-
 def write_dynamic_parameters(
     path: str | os.PathLike, series: Mapping[str, np.ndarray], basins: Sequence[str], dates: np.ndarray | None = None,
 ) -> Path:
@@ -679,11 +676,14 @@ def write_dynamic_parameters(
 
 
 def _atomic_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
-    from ._io import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a name
             np.savez_compressed(fh, **arrays)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON (NaN as null), written atomically."""
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=1))
 
 
 def _json_safe(x: Any) -> Any:
@@ -1114,7 +1114,7 @@ def train_regional(
     ckdir = out / "checkpoints" if out is not None else None
     if out is not None and writer:
         ckdir.mkdir(parents=True, exist_ok=True)
-        _atomic_text(json.dumps(_json_safe(config), indent=1), out / "config.json")
+        _write_json(out / "config.json", config)
 
     def state() -> dict:
         return {"network": copy.deepcopy(network.state_dict()), "model": copy.deepcopy(model.state_dict())}
@@ -1275,15 +1275,15 @@ def write_run_folder(result: RegionalResult, out: str | os.PathLike, metrics: Se
     :class:`RegionalResult` (atomically, file by file)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(json.dumps(_json_safe(result.history), indent=1), out / "history.json")
-    _atomic_text(json.dumps(_json_safe(result.metrics), indent=1), out / "metrics.json")
+    _write_json(out / "history.json", result.history)
+    _write_json(out / "metrics.json", result.metrics)
     summ = {p: {m: s for m, s in ((m, _summaries(result.metrics, m).get(p)) for m in metrics) if s is not None}
             for p in next(iter(result.metrics.values()), {})}
-    _atomic_text(json.dumps(_json_safe(summ), indent=1), out / "summary.json")
+    _write_json(out / "summary.json", summ)
     names = list(next(iter(result.parameters.values())).keys()) if result.parameters else []
     lines = ["basin," + ",".join(names)]
     lines += [b + "," + ",".join(f"{v[n]:.8g}" for n in names) for b, v in result.parameters.items()]
-    _atomic_text("\n".join(lines) + "\n", out / "parameters.csv")
+    atomic_write_text(out / "parameters.csv", "\n".join(lines) + "\n")
     if result.dynamic_parameters:
         first = next(iter(result.dynamic_parameters.values()))
         write_dynamic_parameters(out / "dynamic_parameters.npz", {n: result.dynamic_series(n) for n in first},
@@ -1365,10 +1365,7 @@ def cross_validate_basins(
         _, inputs, _ = _check_dynamic(probe, probe.parameter_names, dict(train_kwargs.get("fixed_parameters") or {}),
                                       train_kwargs["dynamic_parameters"], train_kwargs.get("dynamic_inputs"),
                                       train_kwargs.get("dynamic_lookback", 30))
-        missing = [n for n in inputs if n not in data.forcing_names]
-        if missing:
-            raise ValueError(f"{data.source}: dynamic input(s) {missing} not in the forcing; "
-                             f"available: {list(data.forcing_names)}")
+        _require_dynamic_inputs(inputs, data.forcing_names, data.source)
     rng = np.random.default_rng(int(seed))
     order = rng.permutation(B)
     folds_idx = np.array_split(order, int(k))
@@ -1409,8 +1406,8 @@ def cross_validate_basins(
     result = CrossValidationResult(folds, pooled, pooled_params)
     if out is not None and _dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(json.dumps(_json_safe(pooled), indent=1), out / "metrics.json")
-        _atomic_text(json.dumps(_json_safe({m: result.summary(m) for m in metrics}), indent=1), out / "summary.json")
-        _atomic_text(json.dumps(_json_safe([{k2: v for k2, v in f.items() if k2 not in _NOT_IN_FOLDS_JSON}
-                                            for f in folds]), indent=1), out / "folds.json")
+        _write_json(out / "metrics.json", pooled)
+        _write_json(out / "summary.json", {m: result.summary(m) for m in metrics})
+        _write_json(out / "folds.json", [{k2: v for k2, v in f.items() if k2 not in _NOT_IN_FOLDS_JSON}
+                                         for f in folds])
     return result
