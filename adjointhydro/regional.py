@@ -1332,6 +1332,7 @@ def cross_validate_basins(
     test_mask: Any = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     out_dir: str | os.PathLike | None = None,
+    observation: str = "Q",
     **train_kwargs: Any,
 ) -> CrossValidationResult:
     """k-fold cross-validation over basins: prediction in ungauged basins (PUB).
@@ -1351,6 +1352,7 @@ def cross_validate_basins(
         train_mask, val_mask, test_mask: bool ``[T]`` periods.
         out_dir: a run folder per fold (``fold<i>/``) and the pooled ``metrics.json``,
             ``summary.json``, ``folds.json``.
+        observation: the data's observed discharge variable (mm/day).
         train_kwargs: passed to :func:`train_regional` (epochs, batch_size, method ...).
     """
     if not isinstance(data, BasinDataset):
@@ -1360,7 +1362,7 @@ def cross_validate_basins(
         raise ValueError(f"k must be between 2 and the number of basins ({B}), got {k}")
     names = list(attribute_names) if attribute_names is not None else list(data.attribute_names)
     probe = model_factory()
-    _as_data(probe, data, None, None, names)  # all checks before any training
+    _as_data(probe, data, None, None, names, observation)  # all checks before any training
     if train_kwargs.get("dynamic_parameters"):
         _, inputs, _ = _check_dynamic(probe, probe.parameter_names, dict(train_kwargs.get("fixed_parameters") or {}),
                                       train_kwargs["dynamic_parameters"], train_kwargs.get("dynamic_inputs"),
@@ -1383,13 +1385,14 @@ def cross_validate_basins(
         train_ids = [data.basins[j] for j in sorted(set(order) - set(test_idx))]
         test_ids = [data.basins[j] for j in sorted(test_idx)]
         model = model_factory()
+        train_data = data.select_basins(train_ids)
         res = train_regional(
-            model, data.select_basins(train_ids), attribute_names=names, train_mask=train_mask,
+            model, train_data, observed=train_data.observed(observation), attribute_names=names, train_mask=train_mask,
             val_mask=val_mask, seed=int(seed) + i, metrics=metrics,
             out_dir=None if out is None else out / f"fold{i}", **train_kwargs,
         )
         net = res.network
-        held = _as_data(model, data.select_basins(test_ids), None, None, names, network=net)
+        held = _as_data(model, data.select_basins(test_ids), None, None, names, observation, network=net)
         met, _ = _evaluate(model, net, held, periods, metrics, train_kwargs.get("method", "dopri5"),
                            train_kwargs.get("rtol", 1e-3), train_kwargs.get("atol", 1e-3),
                            train_kwargs.get("eval_batch_size", 256))

@@ -51,7 +51,6 @@ test: ungauged in space and time). ``evaluate`` re-simulates them from ``fold<i>
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time as _time
@@ -223,19 +222,6 @@ def train_regional_run(
     return run_dir
 
 
-def _with_observed_as_q(part, obs: str):
-    """The data set with ``obs`` as its only observation, named ``Q``.
-
-    :func:`~adjointhydro.regional.cross_validate_basins` reads the observation ``Q``; a
-    CSV folder may call its discharge otherwise (data.observed without a rename).
-    """
-    if list(part.observation_names) == ["Q"]:
-        return part
-    unit = part.observation_units[part.observation_names.index(obs)]
-    return dataclasses.replace(part, observations=part.observed(obs)[:, :, None], observation_names=["Q"],
-                               observation_units=[unit])
-
-
 def _train_cv_run(cfg: Config, *, output_dir, run_dir, progress: bool, on_epoch, log: Log) -> Path:
     """k-fold cross-validation over basins (regional.cv_folds = k); evaluate; return the run folder."""
     from .regional import cross_validate_basins
@@ -246,7 +232,6 @@ def _train_cv_run(cfg: Config, *, output_dir, run_dir, progress: bool, on_epoch,
     part = _dataset_part(cfg)
     masks = period_masks(cfg, part.dates)
     _check_window(cfg, masks["train"], part.dates[-1])
-    data = _with_observed_as_q(part, observed_name(cfg))
     run_dir, resuming = _open_run_dir(cfg, output_dir, run_dir, log)
     _update_info(run_dir, mode="regional", cv_folds=k)
     log(("resuming" if resuming else "running") + f" {k}-fold cross-validation over {len(part.basins)} basins "
@@ -259,7 +244,8 @@ def _train_cv_run(cfg: Config, *, output_dir, run_dir, progress: bool, on_epoch,
         # resume=True: each fold continues from its checkpoints/last.pt where there is one
         # (finished folds are only read back), else starts afresh
         cv = cross_validate_basins(
-            lambda: _models(cfg)[0], data, k, seed=cfg.run.seed, attribute_names=g.attributes,
+            lambda: _models(cfg)[0], part, k, seed=cfg.run.seed, attribute_names=g.attributes,
+            observation=observed_name(cfg),
             train_mask=masks["train"], val_mask=masks.get("validation"), test_mask=masks.get("test"),
             metrics=REGIONAL_METRICS, out_dir=run_dir, hidden=tuple(g.hidden), resume=True,
             **_train_settings(cfg, progress, on_epoch),
