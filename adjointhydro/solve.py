@@ -296,35 +296,40 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring):
     return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(dts, 1)
 
 
-def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None):
-    """Period maps of many rows and their exact Jacobians, by one reverse pass over replicated rows.
+def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False):
+    """Period maps of many rows and their exact Jacobians, from one replay and one batched reverse pass.
 
     Returns ``(y1, q, dt_start, J, v)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
-    when ``gq`` ``[R, m]`` is given, ``v = (d q / d y0)^T gq`` ``[R, n]``. (Reverse mode on
-    ``n (+1)`` copies of the rows: PyTorch's forward-mode AD is many times slower for
-    ``linear``, ``where`` and ``minimum``.)
+    when ``gq`` ``[R, m]`` is given, ``v = (d q / d y0)^T gq`` ``[R, n]``. The rows are
+    replayed once with a graph; the ``n (+1)`` reverse passes (one per unit cotangent)
+    run as one vectorised pass over that graph. (PyTorch's forward-mode AD is many
+    times slower for ``linear``, ``where`` and ``minimum``.) With ``keep_graph`` the
+    graph is kept and ``y1``, ``q`` are returned attached to it, so that a further
+    reverse pass (parameter gradients) needs no second replay; ``params`` and
+    ``fvals`` are then used as given (leaves that may require grad).
     """
     R, n = y_rows.shape
-    reps = n + (1 if gq is not None else 0)
     with torch.enable_grad():
-        y_in = y_rows.detach().repeat(reps, 1).requires_grad_(True)
-        rep = lambda x: None if x is None else (x.repeat(reps) if x.ndim == 1 else x.repeat(reps, 1))
-        y1, q1, _, dt_start = prob.period(
-            y_in, fvals.detach(), params.detach(), rep(b_idx), rep(k_idx), rep(dt), wiring
-        )
+        y_in = y_rows.detach().requires_grad_(True)
+        if not keep_graph:
+            fvals, params = fvals.detach(), params.detach()
+        y1, q1, _, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring)
         eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
-        cy = eye.repeat_interleave(R, dim=0)
-        cq = torch.zeros_like(q1)
+        cy = eye[:, None, :].expand(n, R, n)
+        cq = torch.zeros((n,) + q1.shape, dtype=q1.dtype, device=q1.device)
         if gq is not None:
-            cy = torch.cat([cy, torch.zeros(R, n, dtype=cy.dtype, device=cy.device)])
-            cq[n * R:] = gq
+            cy = torch.cat([cy, torch.zeros(1, R, n, dtype=cy.dtype, device=cy.device)])
+            cq = torch.cat([cq, gq[None]])
         outs = [(y1, cy)] + ([(q1, cq)] if q1.requires_grad else [])  # totals may not depend on stores
-        (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True)
+        (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
+                                   is_grads_batched=True, retain_graph=keep_graph)
         if g is None:
-            g = torch.zeros_like(y_in)
-    J = g[: n * R].view(n, R, n).transpose(0, 1)
-    v = g[n * R:] if gq is not None else None
-    return y1.detach()[:R], q1.detach()[:R], dt_start[:R], J, v
+            g = torch.zeros(cy.shape, dtype=y_rows.dtype, device=y_rows.device)
+    J = g[:n].permute(1, 0, 2)
+    v = g[n] if gq is not None else None
+    if keep_graph:
+        return y1, q1, dt_start, J, v
+    return y1.detach(), q1.detach(), dt_start, J, v
 
 
 def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
@@ -485,12 +490,17 @@ class _CheckpointedSolve(torch.autograd.Function):
             dt_rows = DT[:, k0:k1].transpose(0, 1).reshape(R)
             b_idx = torch.arange(B, device=dev).repeat(c)
             k_idx = torch.arange(k0, k1, device=dev).repeat_interleave(B)
-            # 1. Jacobians of each period's map (stores -> stores) and the direct
-            #    contribution of the totals' cotangents, (dq/dy)^T gQ, in one reverse pass
+            # 1. one replay of the chunk with a graph; from it the Jacobians of each period's
+            #    map (stores -> stores) and the direct contribution of the totals'
+            #    cotangents, (dq/dy)^T gQ, in one batched reverse pass
             gQc = gQ[:, k0:k1].transpose(0, 1)  # [c, B, m]
+            wants = [need_p, need_f] + w_need
+            p_leaf = params.detach().requires_grad_(need_p)
+            f_leaf = fvals.detach().requires_grad_(need_f)
             try:
-                _, _, _, J, v = _period_jacobian(
-                    prob, y_rows, fvals, params, b_idx, k_idx, dt_rows, wiring, gq=gQc.reshape(R, m)
+                y1, q1, _, J, v = _period_jacobian(
+                    prob, y_rows, f_leaf, p_leaf, b_idx, k_idx, dt_rows, wiring, gq=gQc.reshape(R, m),
+                    keep_graph=any(wants),
                 )
             except _rk.StepFailure as e:
                 r = e.row % R
@@ -502,17 +512,14 @@ class _CheckpointedSolve(torch.autograd.Function):
             lam_all = _affine_scan(Jt.flip(0), cQ.flip(0), lam).flip(0)  # lam_all[i] = lam_{k0+i}
             lam_next = torch.cat([lam_all[1:], lam[None]])
             lam = lam_all[0]
-            # 3. parameter, weight and forcing gradients: one reverse pass over all rows
-            wants = [need_p, need_f] + w_need
+            # 3. parameter, weight and forcing gradients: a second reverse pass over the same graph
             if any(wants):
-                with torch.enable_grad():
-                    p_leaf = params.detach().requires_grad_(need_p)
-                    f_leaf = fvals.detach().requires_grad_(need_f)
-                    y1, q1, _, _ = prob.period(y_rows, f_leaf, p_leaf, b_idx, k_idx, dt_rows, wiring)
-                    inputs = [x for x, w in zip([p_leaf, f_leaf] + list(weights), wants) if w]
-                    grads = torch.autograd.grad(
-                        (y1, q1), inputs, (lam_next.reshape(R, n), gQc.reshape(R, m)), allow_unused=True
-                    )
+                inputs = [x for x, w in zip([p_leaf, f_leaf] + list(weights), wants) if w]
+                outs = [(y1, lam_next.reshape(R, n))] + ([(q1, gQc.reshape(R, m))] if q1.requires_grad else [])
+                grads = torch.autograd.grad(
+                    [o for o, _ in outs], inputs, [c_ for _, c_ in outs], allow_unused=True
+                )
+                del y1, q1
                 it = iter(grads)
                 if need_p:
                     g = next(it)
