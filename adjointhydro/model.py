@@ -307,14 +307,17 @@ class Model(nn.Module):
             self.raw = nn.Parameter(self.to_unconstrained(values))
 
     # -------------------------------------------------------------- dynamics
-    def initial_state(self, params: Vars, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """Initial stores ``[rows, n]`` from each store's ``initial``."""
+    def initial_state(
+        self, params: Vars, n_rows: int, dtype: torch.dtype, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Initial stores ``[rows, n]`` from each store's ``initial`` (on ``device``, default the model's)."""
+        device = self.wiring_matrix.device if device is None else device
         cols = []
         for s in self.stores:
             if callable(s.initial):
-                cols.append(torch.as_tensor(s.initial(params), dtype=dtype).expand(n_rows))
+                cols.append(torch.as_tensor(s.initial(params), dtype=dtype, device=device).expand(n_rows))
             else:
-                cols.append(torch.full((n_rows,), float(s.initial), dtype=dtype))
+                cols.append(torch.full((n_rows,), float(s.initial), dtype=dtype, device=device))
         return torch.stack(cols, dim=-1)
 
     def fluxes(self, stores: torch.Tensor, forcing: Vars, params: Vars) -> torch.Tensor:

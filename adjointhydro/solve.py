@@ -58,6 +58,8 @@ NATIVE_METHODS = tuple(_rk.TABLEAUS)
 # backward) beats period-by-period work: per-step overhead dominates small batches,
 # arithmetic dominates large ones (see docs/benchmarks.md).
 _PARALLEL_MAX_BASINS = 16
+_CPU_MAX_ROWS = 4096
+_GPU_MAX_ROWS = 1 << 20
 
 
 class SolverError(RuntimeError):
@@ -90,20 +92,28 @@ class CheckpointedAdjoint:
         max_rows: at most this many (basin x period) rows are solved at once in the
             parallel forward and backward passes (the backward pass takes at least 32
             periods of the batch at a time); bounds memory independently of the record
-            length.
+            length. ``None``: 4,096 on a CPU, 2**20 on a GPU (where wide batches cost
+            little more than narrow ones; about 1 GB for 256 basins x 1 year).
         parallel_forward: solve the periods of a window in parallel by Newton's method
-            (``None``: automatically for small batches, where per-step overhead dominates);
-            falls back to the sequential solve if Newton does not converge.
+            (``None``: on a GPU always, on a CPU for batches of at most 16 basins, where
+            per-step overhead dominates); falls back to the sequential solve if Newton
+            does not converge.
         max_newton: Newton iterations per window before falling back.
         warm_start: start Newton from the previous solve's trajectory when the shapes
             match (training loops: parameters change little between steps).
     """
 
-    max_rows: int = 4096
+    max_rows: int | None = None
     parallel_forward: bool | None = None
     max_newton: int = 30
     warm_start: bool = True
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def _max_rows(sens: CheckpointedAdjoint, device: torch.device) -> int:
+    if sens.max_rows is not None:
+        return int(sens.max_rows)
+    return _GPU_MAX_ROWS if device.type == "cuda" else _CPU_MAX_ROWS
 
 
 _SENSITIVITY_NAMES = {
@@ -299,8 +309,9 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring):
 def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False):
     """Period maps of many rows and their exact Jacobians, from one replay and one batched reverse pass.
 
-    Returns ``(y1, q, dt_start, J, v)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
-    when ``gq`` ``[R, m]`` is given, ``v = (d q / d y0)^T gq`` ``[R, n]``. The rows are
+    Returns ``(y1, q, dt_start, J, v, dt_next)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
+    when ``gq`` ``[R, m]`` is given, ``v = (d q / d y0)^T gq`` ``[R, n]``; ``dt_start`` and
+    ``dt_next`` are each row's first step and its proposal for the next period. The rows are
     replayed once with a graph; the ``n (+1)`` reverse passes (one per unit cotangent)
     run as one vectorised pass over that graph. (PyTorch's forward-mode AD is many
     times slower for ``linear``, ``where`` and ``minimum``.) With ``keep_graph`` the
@@ -313,7 +324,7 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
         y_in = y_rows.detach().requires_grad_(True)
         if not keep_graph:
             fvals, params = fvals.detach(), params.detach()
-        y1, q1, _, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring)
+        y1, q1, dt_next, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring)
         eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
         cy = eye[:, None, :].expand(n, R, n)
         cq = torch.zeros((n,) + q1.shape, dtype=q1.dtype, device=q1.device)
@@ -328,8 +339,8 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
     J = g[:n].permute(1, 0, 2)
     v = g[n] if gq is not None else None
     if keep_graph:
-        return y1, q1, dt_start, J, v
-    return y1.detach(), q1.detach(), dt_start, J, v
+        return y1, q1, dt_start, J, v, dt_next
+    return y1.detach(), q1.detach(), dt_start, J, v, dt_next
 
 
 def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
@@ -349,7 +360,8 @@ def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Te
     return (A @ y0[None, ..., None])[..., 0] + b
 
 
-def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, max_newton: int, guess=None):
+def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, max_newton: int, guess=None,
+                     guess_dt=None):
     """Parallel-in-time forward solve: Newton on the period maps, all periods of a window as rows.
 
     Each period's map y[k+1] = Phi_k(y[k]) and its Jacobian (forward-mode AD) are
@@ -385,16 +397,26 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             g[: min(c, carry.shape[0])] = carry[:c]
         g[0] = y_start
         accepted = 0
+        dt_prop = None if guess_dt is None else guess_dt[:, k0:k1].transpose(0, 1).reshape(R)
         for _ in range(max_newton):
             iters += 1
             yg = g.reshape(R, n)
             try:
-                y1, q1, dt_start, J, _ = _period_jacobian(prob, yg, fvals, params, b_idx, k_idx, None, wiring)
+                y1, q1, dt_start, J, _, dt_next = _period_jacobian(
+                    prob, yg, fvals, params, b_idx, k_idx, dt_prop, wiring
+                )
             except _rk.StepFailure:
                 return None  # the sequential solve finds and reports the failing basin and date
             M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
             q = q1.view(c, B, m)
             dts = dt_start.view(c, B)
+            if dt_prop is None:
+                # later iterations: each period starts with the step its predecessor proposed
+                # in the first one, as in the sequential solve (no initial-step search, fewer
+                # rejected first steps). Fixed from then on, so that the period maps do not
+                # change between iterations and the result does not depend on how many
+                # iterations the batch needed (a batch equals its basins solved one by one)
+                dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
             bvec = y1.view(c, B, n) - (M @ g[..., None])[..., 0]
             y_next = _affine_scan(M, bvec, y_start)
             new = torch.cat([y_start[None], y_next[:-1]])
@@ -432,22 +454,28 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     B = y0.shape[0]
     parallel = sens.parallel_forward
     if parallel is None:
-        # small batches are dominated by per-step overhead: solve periods in parallel
-        parallel = B <= _PARALLEL_MAX_BASINS and fvals.shape[1] > 1 and prob.tab.e is not None
+        # per-step overhead dominates small batches on a CPU and every batch on a GPU
+        # (kernel launches): there, solve the periods in parallel
+        small = B <= _PARALLEL_MAX_BASINS or y0.device.type == "cuda"
+        parallel = small and fvals.shape[1] > 1 and prob.tab.e is not None
     out = None
     # (forward-mode AD does not run inside autograd.Function.forward, hence out here)
     with torch.no_grad():
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
         if parallel:
             guess = sens._cache.get("stores") if sens.warm_start else None
+            guess_dt = sens._cache.get("dt") if sens.warm_start else None
             if guess is not None and guess.shape != (B, fvals.shape[1] + 1, y0.shape[1]):
-                guess = None
-            out = _forward_parallel(prob, y0d, fd, pd, wiring, sens.max_rows, sens.max_newton, guess)
+                guess = guess_dt = None
+            out = _forward_parallel(
+                prob, y0d, fd, pd, wiring, _max_rows(sens, y0.device), sens.max_newton, guess, guess_dt
+            )
             prob.parallel = out is not None
         if out is None:
             out = _forward_sequential(prob, y0d, fd, pd, wiring)
     if sens.warm_start:
         sens._cache["stores"] = out[0]
+        sens._cache["dt"] = out[2]
     return out
 
 
@@ -455,7 +483,7 @@ class _CheckpointedSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prob, sens, Y, Q, DT, y0, params, fvals, *weights):
         ctx.prob = prob
-        ctx.max_rows = sens.max_rows
+        ctx.max_rows = _max_rows(sens, Y.device)
         ctx.save_for_backward(Y, DT, params, fvals, *weights)
         return Y.clone(), Q.clone()
 
@@ -498,7 +526,7 @@ class _CheckpointedSolve(torch.autograd.Function):
             p_leaf = params.detach().requires_grad_(need_p)
             f_leaf = fvals.detach().requires_grad_(need_f)
             try:
-                y1, q1, _, J, v = _period_jacobian(
+                y1, q1, _, J, v, _ = _period_jacobian(
                     prob, y_rows, f_leaf, p_leaf, b_idx, k_idx, dt_rows, wiring, gq=gQc.reshape(R, m),
                     keep_graph=any(wants),
                 )
@@ -578,7 +606,7 @@ def _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_
     t = torch.arange(T + 1, dtype=y0.dtype, device=y0.device) * span
     opts = dict(options or {})
     if is_adaptive(method):
-        jumps = t[1:-1] if prob.mode == "constant" else (torch.arange(T, dtype=y0.dtype) + 0.5) * span
+        jumps = t[1:-1] if prob.mode == "constant" else (torch.arange(T, dtype=y0.dtype, device=y0.device) + 0.5) * span
         if len(jumps):
             opts.setdefault("jump_t", jumps)
         m = jump_safe_method(method)
@@ -756,6 +784,13 @@ def solve(
                     f"call model.to({dtype}) or pass dtype={p.dtype}"
                 )
     B = forcing.n_basins
+    device = forcing.values.device
+    model_device = model.wiring_matrix.device
+    if model_device != device:
+        raise ModelError(
+            f"{model.name}: the model is on {model_device} but the forcing on {device}; "
+            f"move both to one device: model.to({str(device)!r}) or forcing.to(device={str(model_device)!r})"
+        )
     # parameters
     if parameters is None:
         params = model.physical_parameters()
@@ -769,15 +804,15 @@ def solve(
         cols = []
         for j, name in enumerate(model.parameter_names):
             if name in parameters:
-                cols.append(torch.as_tensor(parameters[name], dtype=dtype).reshape(-1).expand(B))
+                cols.append(torch.as_tensor(parameters[name], dtype=dtype, device=device).reshape(-1).expand(B))
             else:
                 cols.append(base[:, j].to(dtype).expand(B))
         params = torch.stack(cols, -1)
         model.check_parameters(params)
     else:
-        params = torch.as_tensor(parameters)
+        params = torch.as_tensor(parameters, device=device)
         model.check_parameters(params)
-    params = params.to(dtype)
+    params = params.to(dtype=dtype, device=device)
     if params.ndim == 1:
         params = params[None]
     if params.shape[0] not in (1, B):
@@ -798,18 +833,18 @@ def solve(
     # initial state
     pv = Vars(zip(model.parameter_names, params.unbind(-1)))
     if initial_state is None:
-        y0 = model.initial_state(pv, B, dtype)
+        y0 = model.initial_state(pv, B, dtype, device)
     elif isinstance(initial_state, Mapping):
         unknown = set(initial_state) - set(model.store_names)
         if unknown:
             raise ModelError(f"{model.name}: unknown stores {sorted(unknown)}; stores: {list(model.store_names)}")
-        y0 = model.initial_state(pv, B, dtype)
+        y0 = model.initial_state(pv, B, dtype, device)
         cols = list(y0.unbind(-1))
         for name, v in initial_state.items():
-            cols[model.store_names.index(name)] = torch.as_tensor(v, dtype=dtype).reshape(-1).expand(B)
+            cols[model.store_names.index(name)] = torch.as_tensor(v, dtype=dtype, device=device).reshape(-1).expand(B)
         y0 = torch.stack(cols, -1)
     else:
-        y0 = torch.as_tensor(initial_state, dtype=dtype)
+        y0 = torch.as_tensor(initial_state, dtype=dtype, device=device)
         if y0.ndim == 1:
             y0 = y0[None].expand(B, -1)
         if tuple(y0.shape) != (B, model.n_stores):

@@ -1055,7 +1055,9 @@ def _train_hybrid(
             if warm is not None and ck.get("warm_start") is not None:
                 # the trajectory the next solve would have started from, so that a
                 # resumed run takes the same steps as an uninterrupted one
-                warm["stores"] = ck["warm_start"]
+                ws = ck["warm_start"]
+                # a dict {"stores", "dt"}; runs saved before step proposals were kept hold the stores only
+                warm.update(ws if isinstance(ws, dict) else {"stores": ws})
         else:
             warnings.warn(f"resume=True but {last_path} does not exist; starting from scratch", stacklevel=2)
 
@@ -1128,7 +1130,7 @@ def _train_hybrid(
                         "stopped": stopped,
                         "rng_state": torch.get_rng_state(),
                         "config": config,
-                        "warm_start": None if warm is None else warm.get("stores"),
+                        "warm_start": None if warm is None else dict(warm),
                     },
                     last_path,
                 )

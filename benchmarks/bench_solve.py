@@ -28,6 +28,8 @@ from adjointhydro import Forcing, solve, CheckpointedAdjoint
 from adjointhydro.models import exphydro_m50
 
 B, years, sens, repeat = {basins}, {years}, "{sens}", {repeat}
+device = torch.device("{device}")
+cuda = device.type == "cuda"
 T = 365 * years
 rng = np.random.default_rng(0)
 doy = np.arange(T) % 365
@@ -35,9 +37,13 @@ season = np.cos(2 * np.pi * (doy - 200) / 365)
 temp = 8 + 14 * season[None] + rng.normal(0, 3, (B, T))
 prcp = rng.gamma(0.7, 7.0, (B, T)) * (rng.random((B, T)) < 0.45)
 pet = np.clip(2.2 + 1.8 * season, 0.1, None)[None].repeat(B, 0)
-forcing = Forcing(np.stack([prcp, temp, pet], -1), ("P", "T", "PET"))
-model = exphydro_m50(hidden=(16, 16))
-obs = torch.from_numpy(prcp * 0.4)
+forcing = Forcing(np.stack([prcp, temp, pet], -1), ("P", "T", "PET")).to(device=device)
+model = exphydro_m50(hidden=(16, 16)).to(device)
+obs = torch.from_numpy(prcp * 0.4).to(device)
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 def baseline_run(backward):
@@ -57,8 +63,8 @@ def baseline_run(backward):
             return torch.cat([F @ model.wiring_matrix, F], -1)
     rhs = RHS()
     z0 = torch.cat([model.initial_state(Vars(zip(model.parameter_names, params.unbind(-1))), B, torch.float64),
-                    torch.zeros(B, 5, dtype=torch.float64)], -1)
-    t = torch.arange(T + 1, dtype=torch.float64)
+                    torch.zeros(B, 5, dtype=torch.float64, device=device)], -1)
+    t = torch.arange(T + 1, dtype=torch.float64, device=device)
     z = torchdiffeq.odeint_adjoint(rhs, z0, t, rtol=1e-3, atol=1e-3, method="dopri5",
                                    adjoint_params=tuple(p for p in model.parameters() if p is not model.raw))
     q = (z[1:, :, 6] - z[:-1, :, 6]).T
@@ -68,31 +74,43 @@ def baseline_run(backward):
     return q, rhs.n
 
 from adjointhydro.fluxes import Vars
+if cuda:  # load the GPU kernels before timing
+    w = solve(model, forcing.select(steps=slice(0, 20)), sensitivity="checkpoint")
+    w.discharge.sum().backward()
+    model.zero_grad()
 res = []
 for r in range(repeat):
     model.zero_grad()
     t0 = time.perf_counter()
     if sens == "torchdiffeq":
         q, nfe = baseline_run(False)
+        sync()
         t1 = time.perf_counter()
         ((q - obs) ** 2).mean().backward()
     else:
-        sensitivity = {{"checkpoint": CheckpointedAdjoint(), "checkpoint-seq": CheckpointedAdjoint(parallel_forward=False)}}.get(sens, sens)
+        sensitivity = {{"checkpoint": CheckpointedAdjoint(),
+                       "checkpoint-seq": CheckpointedAdjoint(parallel_forward=False),
+                       "checkpoint-par": CheckpointedAdjoint(parallel_forward=True, max_rows=1 << 20)}}.get(sens, sens)
         sol = solve(model, forcing, sensitivity=sensitivity, rtol=1e-3, atol=1e-3)
+        sync()
         t1 = time.perf_counter()
         ((sol.discharge - obs) ** 2).mean().backward()
         nfe = sol.stats["flux_evaluations"]
+    sync()
     t2 = time.perf_counter()
     res.append((t1 - t0, t2 - t0, nfe))
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if cuda:  # GPU memory, not the process's
+    rss, rss0 = torch.cuda.max_memory_allocated() / 1024, 0
 res.sort(key=lambda x: x[1])
 fwd, tot, nfe = res[len(res) // 2]
 print(json.dumps(dict(fwd=fwd, total=tot, nfe=nfe, peak_mb=rss / 1024, base_mb=rss0 / 1024)))
 '''
 
 
-def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, timeout: float) -> dict:
-    code = CASE.format(basins=basins, years=years, sens=sens, repeat=repeat, threads=threads)
+def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, timeout: float,
+             device: str = "cpu") -> dict:
+    code = CASE.format(basins=basins, years=years, sens=sens, repeat=repeat, threads=threads, device=device)
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -127,14 +145,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is skipped")
+    ap.add_argument("--device", default="cpu", help="torch device of the solves, e.g. cuda (peak MB is then "
+                    "the GPU's peak allocation)")
     ap.add_argument("--diffrax", metavar="PYTHON", default=None,
                     help="also run the diffrax version (bench_diffrax.py) with this Python, which must have "
                          "jax and diffrax; compile time excluded")
     args = ap.parse_args()
     import torch
 
+    dev = args.device
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        dev = f"{dev} ({torch.cuda.get_device_name()})"
     print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
-          f"python {platform.python_version()}  torch {torch.__version__}  threads={args.threads}")
+          f"python {platform.python_version()}  torch {torch.__version__}  threads={args.threads}  device={dev}")
     print(f"{'basins':>6} {'years':>5} {'sensitivity':>15} {'fwd s':>8} {'fwd+bwd s':>10} {'nfe':>7} "
           f"{'basin-days/s':>13} {'peak MB':>8} {'x baseline':>10}")
     for years in args.years:
@@ -145,7 +168,7 @@ def main() -> None:
                 if sens == "diffrax":
                     r = run_diffrax(args.diffrax, basins, years, args.repeat, args.timeout)
                 else:
-                    r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout)
+                    r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout, args.device)
                 if "error" in r:
                     print(f"{basins:>6} {years:>5} {sens:>15} {r['error']:>40}", flush=True)
                     continue

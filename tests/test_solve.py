@@ -250,3 +250,36 @@ def test_solution_labels_and_units():
     assert torch.equal(sol.discharge, sol.flux("Q"))
     with pytest.raises(KeyError, match="no flux 'q'"):
         sol.flux("q")
+
+
+# ---------------------------------------------------------------- devices
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+@pytest.mark.parametrize("sensitivity", ["checkpoint", "checkpoint-seq", "direct", "adjoint"])
+def test_cuda_solve_and_gradients_match_cpu(sensitivity):
+    """The same hybrid solved on the GPU gives the CPU's discharge and gradients."""
+    import copy
+
+    from adjointhydro import CheckpointedAdjoint
+    from adjointhydro.model import ModelError
+
+    forcing = synthetic_forcing(3, 150, seed=5)
+    torch.manual_seed(0)
+    model = exphydro_m50()
+    sens = CheckpointedAdjoint(parallel_forward=False) if sensitivity == "checkpoint-seq" else sensitivity
+    obs = forcing.values[..., 0] * 0.3
+
+    def run(m, f, o):
+        m.zero_grad()
+        sol = solve(m, f, sensitivity=sens, rtol=1e-6, atol=1e-6)
+        ((sol.discharge - o) ** 2).mean().backward()
+        return sol.discharge.detach().cpu(), [p.grad.detach().cpu().clone() for p in m.parameters()]
+
+    q_cpu, g_cpu = run(model, forcing, obs)
+    gpu = copy.deepcopy(model).cuda()
+    q_gpu, g_gpu = run(gpu, forcing.to(device="cuda"), obs.cuda())
+    # float64 on both; kernels round differently, and adaptive steps follow at the tolerance
+    assert torch.allclose(q_gpu, q_cpu, rtol=1e-6, atol=1e-8)
+    for a, b in zip(g_gpu, g_cpu):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8 * float(b.abs().max()) + 1e-12)
+    with pytest.raises(ModelError, match="move both to one device"):
+        solve(model, forcing.to(device="cuda"))

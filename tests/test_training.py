@@ -303,7 +303,8 @@ def test_train_hybrid_resume_equals_uninterrupted(leaf, tmp_path):
     assert ck["epoch"] == 3 and len(ck["history"]) == 3
     # the warm start of the next epoch's Newton forward solve is saved with the checkpoint
     # (restored on resume: otherwise the resumed steps differ at the solver tolerance)
-    assert ck["warm_start"].shape == (1, forcing.n_steps + 1, 1)  # one store (no snow)
+    assert ck["warm_start"]["stores"].shape == (1, forcing.n_steps + 1, 1)  # one store (no snow)
+    assert ck["warm_start"]["dt"].shape == (1, forcing.n_steps)  # each period's first step
     # ... and resumed on a fresh model object
     seen = []
     res_model = _small_hybrid()
