@@ -87,7 +87,6 @@ def _coefficients(tab: Tableau, dtype: torch.dtype, device: torch.device) -> dic
         def t(x):
             return torch.tensor(x, dtype=dtype, device=device)
         _COEF_CACHE[key] = {
-            "a": [None] + [t(list(r)) if r else None for r in tab.a[1:]],
             "b": t(list(tab.b)),
             "e": t(list(tab.e)) if tab.e is not None else None,
         }
@@ -194,7 +193,12 @@ def integrate_period(
         ks = [ks0]
         for i in range(1, len(tab.c)):
             # stage combination in flux space, one product per stage: y + h * (K a_i) W
-            comb = torch.stack(ks, dim=-1) @ coef["a"][i] if i > 1 else ks[0] * tab.a[1][0]
+            # sum of scaled stages (fused multiply-adds; stacking the stages instead copies
+            # every earlier stage again at each stage)
+            comb = None
+            for a_ij, k_j in zip(tab.a[i], ks):
+                if a_ij != 0.0:
+                    comb = k_j * a_ij if comb is None else torch.add(comb, k_j, alpha=a_ij)
             ks.append(f_sub(ys + (comb @ wiring) * hc, ss + tab.c[i] * h))
         n_evals += len(tab.c) - 1
         K = torch.stack(ks, dim=-1) if len(ks) > 1 else ks[0][..., None]
