@@ -10,15 +10,16 @@ arguments. Three sensitivities:
   backward in time; memory does not grow with the record (beyond the outputs).
 * :class:`CheckpointedAdjoint` -- the forward pass keeps the stores at every
   period boundary (one state vector per checkpoint) and nothing else (for small
-  batches it solves all periods of a window in parallel by Newton's method on the
-  period maps, see :func:`_forward_parallel`); the
+  batches on a CPU, and any batch on a GPU, it solves all periods of a window in
+  parallel by Newton's method on the period maps, see :func:`_forward_parallel`); the
   backward pass recomputes the periods from these checkpoints. Periods are
-  recomputed many at a time as parallel rows; the adjoint is carried from period
-  to period with the exact Jacobian of each period's solution (reverse-mode AD on
-  replicated rows), all periods of a window at once by a parallel affine scan,
-  so the gradient equals that of :class:`Direct` to rounding while memory stays
-  bounded by ``max_rows``. The default: stable for dissipative bucket models and
-  fast.
+  recomputed many at a time as parallel rows, once each, with a graph; the adjoint
+  is carried from period to period with the exact Jacobian of each period's solution
+  (one batched reverse pass over that graph, a unit cotangent per store), all
+  periods of a chunk at once by a parallel affine scan, and a second reverse pass
+  over the same graph gives the parameter and weight gradients. The gradient equals
+  that of :class:`Direct` to rounding while memory stays bounded by ``max_rows``.
+  The default: stable for dissipative bucket models and fast.
 
 The native solver (methods ``euler``, ``midpoint``, ``heun``, ``rk4``, ``bosh3``,
 ``dopri5``) takes per-basin adaptive steps that always stop on period boundaries,
@@ -506,7 +507,8 @@ class _CheckpointedSolve(torch.autograd.Function):
         g_f = torch.zeros_like(fvals) if need_f else None
         g_w = [torch.zeros_like(w) if nw else None for w, nw in zip(weights, w_need)]
         lam = gY[:, T].clone()
-        # at least 32 periods a chunk: per-chunk overhead dominates big batches otherwise
+        # a row carries n + 1 cotangents in the batched reverse pass; at least 32 periods
+        # a chunk: per-chunk overhead dominates big batches otherwise
         C = max(32, ctx.max_rows // max(B * (n + 1), 1))
         dev = Y.device
         for k1 in range(T, 0, -C):
