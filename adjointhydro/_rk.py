@@ -192,9 +192,8 @@ def integrate_period(
         hc = h[:, None]
         ks = [ks0]
         for i in range(1, len(tab.c)):
-            # stage combination in flux space, one product per stage: y + h * (K a_i) W
-            # sum of scaled stages (fused multiply-adds; stacking the stages instead copies
-            # every earlier stage again at each stage)
+            # stage combination in flux space, y + h * (sum_j a_ij k_j) W, as fused
+            # multiply-adds (stacking the stages instead copies every earlier stage again)
             comb = None
             for a_ij, k_j in zip(tab.a[i], ks):
                 if a_ij != 0.0:

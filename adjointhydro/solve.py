@@ -365,7 +365,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                      guess_dt=None):
     """Parallel-in-time forward solve: Newton on the period maps, all periods of a window as rows.
 
-    Each period's map y[k+1] = Phi_k(y[k]) and its Jacobian (forward-mode AD) are
+    Each period's map y[k+1] = Phi_k(y[k]) and its Jacobian (:func:`_period_jacobian`) are
     evaluated for all periods of a window at once; the linearised recurrence is
     solved with a parallel affine scan. After i iterations the first i periods are
     exact, so the method cannot do worse than the sequential solve in iterations;
@@ -460,7 +460,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
         small = B <= _PARALLEL_MAX_BASINS or y0.device.type == "cuda"
         parallel = small and fvals.shape[1] > 1 and prob.tab.e is not None
     out = None
-    # (forward-mode AD does not run inside autograd.Function.forward, hence out here)
+    # (the Newton Jacobians need autograd, which autograd.Function.forward switches off: hence out here)
     with torch.no_grad():
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
         if parallel:
