@@ -333,10 +333,24 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
             cy = torch.cat([cy, torch.zeros(1, R, n, dtype=cy.dtype, device=cy.device)])
             cq = torch.cat([cq, gq[None]])
         outs = [(y1, cy)] + ([(q1, cq)] if q1.requires_grad else [])  # totals may not depend on stores
-        (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
-                                   is_grads_batched=True, retain_graph=keep_graph)
+        g = None
+        if getattr(prob, "batched_grads", True):
+            try:
+                (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
+                                           is_grads_batched=True, retain_graph=True)
+                if g is None:
+                    g = torch.zeros(cy.shape, dtype=y_rows.dtype, device=y_rows.device)
+            except RuntimeError:
+                # a flux whose backward cannot be vectorised (e.g. a custom autograd.Function
+                # that reads a value with .item()): one reverse pass per cotangent instead
+                prob.batched_grads = False
         if g is None:
-            g = torch.zeros(cy.shape, dtype=y_rows.dtype, device=y_rows.device)
+            gs = []
+            for i in range(cy.shape[0]):
+                (gi,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c[i] for _, c in outs],
+                                            allow_unused=True, retain_graph=True)
+                gs.append(torch.zeros_like(y_in) if gi is None else gi)
+            g = torch.stack(gs)
     J = g[:n].permute(1, 0, 2)
     v = g[n] if gq is not None else None
     if keep_graph:

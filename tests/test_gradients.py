@@ -130,3 +130,42 @@ def test_gradients_with_respect_to_forcing_and_initial_state():
     assert _rel(out["checkpoint"][0], out["direct"][0]) < 1e-3
     assert _rel(out["checkpoint"][1], out["direct"][1]) < 1e-3
     assert out["direct"][0][..., 0].abs().sum() > 0  # precipitation matters
+
+
+class _ReadsItemInBackward(torch.autograd.Function):
+    """k * S with a backward that reads a Python number (.item()): it cannot be vectorised."""
+
+    @staticmethod
+    def forward(ctx, k, s):
+        ctx.save_for_backward(k, s)
+        return k * s
+
+    @staticmethod
+    def backward(ctx, g):
+        k, s = ctx.saved_tensors
+        if not float(g.abs().max()) < float("inf"):
+            raise FloatingPointError("non-finite cotangent")
+        return g * s, g * k
+
+
+@pytest.mark.parametrize("parallel_forward", [True, False])
+def test_checkpoint_gradient_with_a_flux_whose_backward_cannot_be_batched(parallel_forward):
+    """The batched reverse pass falls back to one pass per cotangent, with the same gradients."""
+    from adjointhydro import Flux, Model, Parameter, Store
+
+    def bucket(custom):
+        out = (lambda v: _ReadsItemInBackward.apply(v.k, v.S)) if custom else (lambda v: v.k * v.S)
+        return Model(
+            [Store("S", initial=10.0)],
+            [Flux("rain", None, "S", lambda v: v.P), Flux("Q", "S", None, out)],
+            forcing=["P"], parameters=[Parameter("k", 0.01, 1.0, 0.1, "1/day")], discharge=["Q"],
+        )
+
+    forcing = synthetic_forcing(2, 60, seed=3, snow=False)
+    obs = forcing.values[..., 0] * 0.5
+    sens = CheckpointedAdjoint(parallel_forward=parallel_forward)
+    g_custom = _grads(bucket(True), forcing, obs, sens, 1e-6)
+    g_plain = _grads(bucket(False), forcing, obs, CheckpointedAdjoint(parallel_forward=parallel_forward), 1e-6)
+    g_direct = _grads(bucket(False), forcing, obs, "direct", 1e-6)
+    assert torch.allclose(g_custom, g_plain, rtol=1e-10, atol=0)
+    assert _rel(g_custom, g_direct) < 1e-6
