@@ -9,6 +9,12 @@ handling). Each case runs in its own process so that peak memory is its own.
 
     python benchmarks/bench_solve.py                 # the full grid
     python benchmarks/bench_solve.py --basins 1 64 --years 1 --repeat 3
+    python benchmarks/bench_solve.py --device cuda --basins 256 --years 1   # on a GPU
+
+Sensitivities: ``torchdiffeq`` (the baseline), ``checkpoint`` (the default
+``CheckpointedAdjoint()``), ``checkpoint-seq`` and ``checkpoint-par`` (its forward pass
+forced sequential, or parallel in time with 2**20 rows in flight), ``adjoint``,
+``direct``. The first 20-day solve and gradient of each process is not timed.
 """
 from __future__ import annotations
 
