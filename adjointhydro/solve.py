@@ -225,6 +225,8 @@ class _Problem:
         self.max_steps = max_steps
         self.n_evals = 0
         self.n_iterations = 0
+        # Jacobians by one vectorised reverse pass until a flux's backward refuses vmap
+        self.batched_grads = True
 
     def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring):
         """Integrate rows over their periods.
@@ -334,7 +336,7 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
             cq = torch.cat([cq, gq[None]])
         outs = [(y1, cy)] + ([(q1, cq)] if q1.requires_grad else [])  # totals may not depend on stores
         g = None
-        if getattr(prob, "batched_grads", True):
+        if prob.batched_grads:
             try:
                 (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
                                            is_grads_batched=True, retain_graph=True)
@@ -622,7 +624,7 @@ def _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_
     t = torch.arange(T + 1, dtype=y0.dtype, device=y0.device) * span
     opts = dict(options or {})
     if is_adaptive(method):
-        jumps = t[1:-1] if prob.mode == "constant" else (torch.arange(T, dtype=y0.dtype, device=y0.device) + 0.5) * span
+        jumps = t[1:-1] if prob.mode == "constant" else t[:-1] + 0.5 * span  # period midpoints
         if len(jumps):
             opts.setdefault("jump_t", jumps)
         m = jump_safe_method(method)
@@ -857,7 +859,8 @@ def solve(
         y0 = model.initial_state(pv, B, dtype, device)
         cols = list(y0.unbind(-1))
         for name, v in initial_state.items():
-            cols[model.store_names.index(name)] = torch.as_tensor(v, dtype=dtype, device=device).reshape(-1).expand(B)
+            v = torch.as_tensor(v, dtype=dtype, device=device)
+            cols[model.store_names.index(name)] = v.reshape(-1).expand(B)
         y0 = torch.stack(cols, -1)
     else:
         y0 = torch.as_tensor(initial_state, dtype=dtype, device=device)
