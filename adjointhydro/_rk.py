@@ -86,10 +86,12 @@ def _coefficients(tab: Tableau, dtype: torch.dtype, device: torch.device) -> dic
     if key not in _COEF_CACHE:
         def t(x):
             return torch.tensor(x, dtype=dtype, device=device)
-        _COEF_CACHE[key] = {
-            "b": t(list(tab.b)),
-            "e": t(list(tab.e)) if tab.e is not None else None,
-        }
+        # normal tensors even if first made inside inference mode: later solves record graphs
+        with torch.inference_mode(False):
+            _COEF_CACHE[key] = {
+                "b": t(list(tab.b)),
+                "e": t(list(tab.e)) if tab.e is not None else None,
+            }
     return _COEF_CACHE[key]
 
 

@@ -340,6 +340,36 @@ class Model(nn.Module):
                 out.append(r)
         return torch.stack(out, dim=-1)
 
+    def _rate_function(self) -> Callable[[torch.Tensor, Vars, Vars], torch.Tensor]:
+        """:meth:`fluxes` prepared for many evaluations with the same weights (the solver's).
+
+        The networks are prepared once (:meth:`_NeuralBase._plan`: normalisation and
+        ``tanh`` rescaling folded into the weights), so each call runs fewer operations.
+        Made under autograd, the preparation is part of the graph: gradients reach the
+        networks' own weights. Make a new one after the weights change.
+        """
+        plans = [f._plan() if isinstance(f, (NeuralFlux, NeuralFluxGroup)) else None for f in self.flux_modules]
+        mods = list(zip(self.flux_modules, plans, [isinstance(f, NeuralFluxGroup) for f in self.flux_modules]))
+        store_names = self.store_names
+
+        def rates(stores: torch.Tensor, forcing: Vars, params: Vars) -> torch.Tensor:
+            v = Vars(zip(store_names, stores.unbind(-1)))
+            v.update(forcing)
+            v.update(params)
+            out = []
+            for f, plan, group in mods:
+                r = f.forward(v) if plan is None else f.forward(v, plan)
+                if group:
+                    cols = r.unbind(-1)
+                    v.update(zip(f.names, cols))
+                    out.extend(cols)
+                else:
+                    v[f.name] = r
+                    out.append(r)
+            return torch.stack(out, dim=-1)
+
+        return rates
+
     def extra_repr(self) -> str:
         lines = [f"name={self.name!r}", f"stores={list(self.store_names)}"]
         for n, s, t in self.wiring:

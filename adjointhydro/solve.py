@@ -227,6 +227,20 @@ class _Problem:
         self.n_iterations = 0
         # Jacobians by one vectorised reverse pass until a flux's backward refuses vmap
         self.batched_grads = True
+        self._rates_no_grad = None
+
+    def rates(self):
+        """The model's prepared rate function (:meth:`Model._rate_function`).
+
+        Without autograd it is made once per solve. Under autograd it is made afresh
+        for each call of :meth:`period`: each replay's graph, the preparation of the
+        networks included, is freed by its own reverse pass.
+        """
+        if torch.is_grad_enabled():
+            return self.model._rate_function()
+        if self._rates_no_grad is None:
+            self._rates_no_grad = self.model._rate_function()
+        return self._rates_no_grad
 
     def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring):
         """Integrate rows over their periods.
@@ -255,6 +269,7 @@ class _Problem:
                 fp = fvals[b_idx, (k_idx - 1).clamp(min=0)]
                 fn = fvals[b_idx, (k_idx + 1).clamp(max=T - 1)]
         fnames, pnames = self.fnames, self.pnames
+        rates_fn = self.rates()
 
         def flux_for(idx):
             """Rate function for the rows ``idx`` (forcing and parameters gathered once)."""
@@ -262,14 +277,14 @@ class _Problem:
             pdict = Vars(zip(pnames, p_.unbind(-1)))
             if fp is None:
                 fdict = Vars(zip(fnames, f_.unbind(-1)))
-                return lambda y, s: model.fluxes(y, fdict, pdict)
+                return lambda y, s: rates_fn(y, fdict, pdict)
             a_, c_ = (fp, fn) if idx is None else (fp[idx], fn[idx])
 
             def rate(y, s):
                 # linear between period midpoints: kink at s = span/2
                 u = (s / span)[:, None]
                 f = torch.where(u < 0.5, a_ + (f_ - a_) * (u + 0.5), f_ + (c_ - f_) * (u - 0.5))
-                return model.fluxes(y, Vars(zip(fnames, f.unbind(-1))), pdict)
+                return rates_fn(y, Vars(zip(fnames, f.unbind(-1))), pdict)
 
             return rate
 
@@ -475,6 +490,8 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
         # (kernel launches): there, solve the periods in parallel
         small = B <= _PARALLEL_MAX_BASINS or y0.device.type == "cuda"
         parallel = small and fvals.shape[1] > 1 and prob.tab.e is not None
+    if torch.is_inference_mode_enabled():
+        parallel = False  # the Newton iterations need autograd, which inference mode forbids
     out = None
     # (the Newton Jacobians need autograd, which autograd.Function.forward switches off: hence out here)
     with torch.no_grad():
@@ -489,7 +506,11 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
             )
             prob.parallel = out is not None
         if out is None:
-            out = _forward_sequential(prob, y0d, fd, pd, wiring)
+            # inference mode: about 15% less overhead per operation than no_grad; the
+            # results are cloned out of it, as the backward pass saves them
+            with torch.inference_mode():
+                out = _forward_sequential(prob, y0d, fd, pd, wiring)
+            out = tuple(t.clone() for t in out)
     if sens.warm_start:
         sens._cache["stores"] = out[0]
         sens._cache["dt"] = out[2]

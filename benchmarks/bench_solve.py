@@ -35,6 +35,7 @@ from adjointhydro.models import exphydro_m50
 
 B, years, sens, repeat = {basins}, {years}, "{sens}", {repeat}
 device = torch.device("{device}")
+dtype = getattr(torch, "{dtype}")
 cuda = device.type == "cuda"
 T = 365 * years
 rng = np.random.default_rng(0)
@@ -43,9 +44,9 @@ season = np.cos(2 * np.pi * (doy - 200) / 365)
 temp = 8 + 14 * season[None] + rng.normal(0, 3, (B, T))
 prcp = rng.gamma(0.7, 7.0, (B, T)) * (rng.random((B, T)) < 0.45)
 pet = np.clip(2.2 + 1.8 * season, 0.1, None)[None].repeat(B, 0)
-forcing = Forcing(np.stack([prcp, temp, pet], -1), ("P", "T", "PET")).to(device=device)
-model = exphydro_m50(hidden=(16, 16)).to(device)
-obs = torch.from_numpy(prcp * 0.4).to(device)
+forcing = Forcing(np.stack([prcp, temp, pet], -1), ("P", "T", "PET")).to(dtype=dtype, device=device)
+model = exphydro_m50(hidden=(16, 16), dtype=dtype).to(device)
+obs = torch.from_numpy(prcp * 0.4).to(device=device, dtype=dtype)
 
 def sync():
     if cuda:
@@ -68,9 +69,9 @@ def baseline_run(backward):
                              Vars(zip(model.parameter_names, params.unbind(-1))))
             return torch.cat([F @ model.wiring_matrix, F], -1)
     rhs = RHS()
-    z0 = torch.cat([model.initial_state(Vars(zip(model.parameter_names, params.unbind(-1))), B, torch.float64),
-                    torch.zeros(B, 5, dtype=torch.float64, device=device)], -1)
-    t = torch.arange(T + 1, dtype=torch.float64, device=device)
+    z0 = torch.cat([model.initial_state(Vars(zip(model.parameter_names, params.unbind(-1))), B, dtype),
+                    torch.zeros(B, 5, dtype=dtype, device=device)], -1)
+    t = torch.arange(T + 1, dtype=dtype, device=device)
     z = torchdiffeq.odeint_adjoint(rhs, z0, t, rtol=1e-3, atol=1e-3, method="dopri5",
                                    adjoint_params=tuple(p for p in model.parameters() if p is not model.raw))
     q = (z[1:, :, 6] - z[:-1, :, 6]).T
@@ -115,8 +116,9 @@ print(json.dumps(dict(fwd=fwd, total=tot, nfe=nfe, peak_mb=rss / 1024, base_mb=r
 
 
 def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, timeout: float,
-             device: str = "cpu") -> dict:
-    code = CASE.format(basins=basins, years=years, sens=sens, repeat=repeat, threads=threads, device=device)
+             device: str = "cpu", dtype: str = "float64") -> dict:
+    code = CASE.format(basins=basins, years=years, sens=sens, repeat=repeat, threads=threads, device=device,
+                       dtype=dtype)
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -126,15 +128,17 @@ def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, time
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_diffrax(python: str, basins: int, years: int, repeat: int, timeout: float) -> dict:
+def run_diffrax(python: str, basins: int, years: int, repeat: int, timeout: float, dtype: str = "float64",
+                threads: int = 1) -> dict:
     """The same problem in diffrax (bench_diffrax.py), with a Python that has jax and diffrax."""
     import os
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_diffrax.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if threads == 1:
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     try:
         out = subprocess.run([python, script, "--basins", str(basins), "--years", str(years), "--repeat",
-                              str(repeat), "--json"], capture_output=True, text=True, timeout=timeout, env=env)
+                              str(repeat), "--json", "--dtype", dtype], capture_output=True, text=True, timeout=timeout, env=env)
     except (subprocess.TimeoutExpired, OSError) as e:
         return {"error": f"> {timeout:.0f} s" if isinstance(e, subprocess.TimeoutExpired) else str(e)[:60]}
     if out.returncode != 0:
@@ -150,6 +154,8 @@ def main() -> None:
                     default=["torchdiffeq", "checkpoint", "checkpoint-seq", "adjoint", "direct"])
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                    help="precision of model, forcing and state (both libraries)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is skipped")
     ap.add_argument("--device", default="cpu", help="torch device of the solves, e.g. cuda (peak MB is then "
                     "the GPU's peak allocation)")
@@ -163,7 +169,7 @@ def main() -> None:
     if dev.startswith("cuda") and torch.cuda.is_available():
         dev = f"{dev} ({torch.cuda.get_device_name()})"
     print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
-          f"python {platform.python_version()}  torch {torch.__version__}  threads={args.threads}  device={dev}")
+          f"python {platform.python_version()}  torch {torch.__version__}  threads={args.threads}  device={dev}  {args.dtype}")
     print(f"{'basins':>6} {'years':>5} {'sensitivity':>15} {'fwd s':>8} {'fwd+bwd s':>10} {'nfe':>7} "
           f"{'basin-days/s':>13} {'peak MB':>8} {'x baseline':>10}")
     for years in args.years:
@@ -172,9 +178,10 @@ def main() -> None:
             cases = list(args.sensitivities) + (["diffrax"] if args.diffrax else [])
             for sens in cases:
                 if sens == "diffrax":
-                    r = run_diffrax(args.diffrax, basins, years, args.repeat, args.timeout)
+                    r = run_diffrax(args.diffrax, basins, years, args.repeat, args.timeout, args.dtype, args.threads)
                 else:
-                    r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout, args.device)
+                    r = run_case(basins, years, sens, args.repeat, args.threads, args.timeout, args.device,
+                                 args.dtype)
                 if "error" in r:
                     print(f"{basins:>6} {years:>5} {sens:>15} {r['error']:>40}", flush=True)
                     continue

@@ -67,6 +67,55 @@ def test_neural_flux_is_non_negative_and_limited_by_storage():
     assert (out[s <= 0] == 0).all()
 
 
+@pytest.mark.parametrize("activation", [torch.nn.Tanh, torch.nn.SiLU, None])
+def test_prepared_networks_equal_the_modules_in_value_and_gradient(activation):
+    """The solver's prepared networks (normalisation and tanh folded into the weights)
+    compute the module's function, and pass gradients to the module's own weights."""
+    torch.manual_seed(1)
+    if activation is None:  # a group with a partition and limits (M100)
+        m = exphydro_m100(hidden=(8, 8))
+    else:
+        m = exphydro_m50(hidden=(8, 8)).replace_flux(
+            NeuralFlux("et", ["snow", "soil", "T", "PET"], hidden=(8, 8), activation=activation,
+                       input_loc={"soil": 500.0, "T": 5.0}, input_scale={"soil": 400.0, "T": 8.0},
+                       output_scale=1.5, limit_by="soil")).to(torch.float64)
+    for f in m.neural_fluxes():  # make the last layers matter
+        with torch.no_grad():
+            f.net[-1].weight.normal_(0, 1.0)
+            f.net[-1].bias.normal_(0, 0.5)
+    B = 64
+    gen = torch.Generator().manual_seed(0)
+    y = torch.rand(B, 2, generator=gen, dtype=torch.float64) * torch.tensor([80.0, 1500.0], dtype=torch.float64)
+    fv = torch.rand(B, 3, generator=gen, dtype=torch.float64) * torch.tensor([20.0, 30.0, 5.0]) + torch.tensor([0.0, -10.0, 0.0])
+    from adjointhydro.fluxes import Vars
+    fd = Vars(zip(("P", "T", "PET"), fv.unbind(-1)))
+    pd = Vars(zip(m.parameter_names, m.physical_parameters().expand(B, -1).unbind(-1)))
+    weights = [p for f in m.neural_fluxes() for p in f.parameters()]
+    cot = torch.randn(B, m.n_fluxes, generator=gen, dtype=torch.float64)
+    ref = m.fluxes(y, fd, pd)
+    g_ref = torch.autograd.grad((ref * cot).sum(), weights)
+    assert all(f._plan() is not None for f in m.neural_fluxes())
+    fast = m._rate_function()(y, fd, pd)
+    g_fast = torch.autograd.grad((fast * cot).sum(), weights)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_network_that_is_not_linear_and_activation_layers_runs_as_is():
+    m = exphydro_m50(hidden=(8,))
+    f = m.flux("Q")
+    f.net = torch.nn.Sequential(f.net[0], torch.nn.Tanh(), torch.nn.Tanh(), f.net[2]).double()
+    assert f._plan() is None
+    from adjointhydro.fluxes import Vars
+    y = torch.tensor([[10.0, 800.0]], dtype=torch.float64)
+    fd = Vars(P=torch.tensor([3.0], dtype=torch.float64), T=torch.tensor([5.0], dtype=torch.float64),
+              PET=torch.tensor([2.0], dtype=torch.float64))
+    pd = Vars(zip(m.parameter_names, m.physical_parameters().unbind(-1)))
+    torch.testing.assert_close(m._rate_function()(y, fd, pd), m.fluxes(y, fd, pd), rtol=0, atol=0)
+
+
 def test_hybrids_structure():
     m50, m100 = exphydro_m50(), exphydro_m100()
     assert {type(f).__name__ for f in m50.neural_fluxes()} == {"NeuralFlux"}

@@ -81,6 +81,41 @@ def test_default_tolerance_is_accurate_not_coarse():
     _check_against_reference(forcing, 1e-3, 2e-3)
 
 
+def test_float32_solve_and_gradient_agree_with_float64():
+    """Single precision (faster on CPUs and GPUs) at the default tolerance: daily Q and
+    the gradient stay within 1e-3 of the double-precision solve."""
+    torch.manual_seed(0)
+    m64 = exphydro_m50(hidden=(8, 8))
+    m32 = exphydro_m50(hidden=(8, 8), dtype=torch.float32)
+    m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+    f64 = synthetic_forcing(3, 200, seed=4)
+    out = {}
+    for m, f in ((m64, f64), (m32, f64.to(dtype=torch.float32))):
+        sol = solve(m, f)
+        assert sol.discharge.dtype == f.values.dtype
+        (g,) = torch.autograd.grad((sol.discharge ** 2).mean(), [m.flux("Q").net[0].weight])
+        out[f.values.dtype] = (sol.discharge.detach().double(), g.double())
+    (q64, g64), (q32, g32) = out[torch.float64], out[torch.float32]
+    assert float((q32 - q64).norm() / q64.norm()) < 1e-3
+    assert float((g32 - g64).norm() / g64.norm()) < 1e-3
+
+
+def test_solve_in_inference_mode_then_with_gradients():
+    # the solver's cached tensors must not be inference tensors made by a first solve
+    # under torch.inference_mode, or a later solve with gradients fails
+    from adjointhydro import _rk
+    _rk._COEF_CACHE.clear()
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(2, 20, seed=5)
+    with torch.inference_mode():
+        q0 = solve(model, forcing).discharge.clone()
+    sol = solve(model, forcing)
+    sol.discharge.sum().backward()
+    assert model.flux("Q").net[0].weight.grad.abs().sum() > 0
+    # (sequential forward there, parallel in time here: equal to far below the tolerance)
+    torch.testing.assert_close(sol.discharge.detach(), q0, rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------ mass balance
 @pytest.mark.parametrize("factory", [exphydro, lambda: exphydro_m50(), reservoir_cascade])
 def test_mass_balance_ten_years(factory):
