@@ -228,6 +228,7 @@ class _Problem:
         # Jacobians by one vectorised reverse pass until a flux's backward refuses vmap
         self.batched_grads = True
         self._rates_no_grad = None
+        self.n_sequential_windows = 0  # windows of the parallel forward solved period by period
 
     def rates(self):
         """The model's prepared rate function (:meth:`Model._rate_function`).
@@ -305,15 +306,18 @@ class _Problem:
         )
 
 
-def _forward_sequential(prob: _Problem, y0, fvals, params, wiring):
-    """Period by period for all basins; returns stores ``[B,T+1,n]``, totals ``[B,T,m]``, first steps ``[B,T]``."""
-    B, T = fvals.shape[0], fvals.shape[1]
+def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, k1: int | None = None):
+    """Period by period for all basins, periods ``k0..k1-1`` (default all) from stores ``y0``.
+
+    Returns stores ``[B,c+1,n]``, totals ``[B,c,m]`` and first steps ``[B,c]`` for the ``c`` periods.
+    """
+    T = fvals.shape[1] if k1 is None else k1
     ys = [y0]
     qs = []
     dts = []
     dt = None  # first period: initial step selection
     y = y0
-    for k in range(T):
+    for k in range(k0, T):
         try:
             y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring)
             dts.append(dt_start)
@@ -403,8 +407,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     in practice a few iterations reach the solver's tolerance. Windows of at most
     ``max_rows`` rows run one after another, so memory does not grow with the record;
     a window that has not converged after ``max_newton`` iterations keeps its converged
-    prefix and the next window starts there. Returns ``None`` on non-finite states
-    (the caller then solves sequentially, which reports the basin and date).
+    prefix and the next window starts there. A window whose Newton iterations fail
+    (a guess the solver cannot integrate, non-finite states) or converge nowhere is
+    solved period by period instead, which reports a real failure with basin and date.
     """
     B, T, _ = fvals.shape
     n = y0.shape[1]
@@ -430,6 +435,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         g[0] = y_start
         accepted = 0
         dt_prop = None if guess_dt is None else guess_dt[:, k0:k1].transpose(0, 1).reshape(R)
+        failed = False
         for _ in range(max_newton):
             iters += 1
             yg = g.reshape(R, n)
@@ -438,7 +444,10 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                     prob, yg, fvals, params, b_idx, k_idx, dt_prop, wiring
                 )
             except _rk.StepFailure:
-                return None  # the sequential solve finds and reports the failing basin and date
+                # a Newton guess the solver cannot integrate (e.g. far outside the
+                # physical states in a stiff corner of the parameters), or a real failure
+                failed = True
+                break
             M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
             q = q1.view(c, B, m)
             dts = dt_start.view(c, B)
@@ -453,7 +462,8 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             y_next = _affine_scan(M, bvec, y_start)
             new = torch.cat([y_start[None], y_next[:-1]])
             if not torch.isfinite(new).all():
-                return None
+                failed = True
+                break
             # a period is converged when the update of its start is well below the solver
             # tolerance (below that the maps move with the step-size decisions)
             scale = 0.05 * (prob.atol + prob.rtol * new.abs()) + 1e-11 * (1.0 + new.abs())
@@ -464,8 +474,19 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 break
             # after i iterations the first i periods are exact: note the converged prefix
             accepted = int(moved.float().argmax())
-        if accepted == 0:
-            return None
+        if failed or accepted == 0:
+            # this window period by period (which reports a real failure with its basin
+            # and date); later windows go on in parallel. Falling back for the whole
+            # record instead made one stiff calibration trial of 31 years cost 52 s.
+            Yw, Qw, DTw = _forward_sequential(prob, y_start, fvals, params, wiring, k0, k1)
+            prob.n_sequential_windows += 1
+            Ys.append(Yw[:, 1:].transpose(0, 1))
+            Qs.append(Qw.transpose(0, 1))
+            DTs.append(DTw.transpose(0, 1))
+            y_start = Ys[-1][-1]
+            carry = None
+            k0 = k1
+            continue
         # keep the converged prefix; stores accumulated from the flux totals so that
         # mass balance holds exactly, not only to the Newton residual
         q, dts = q[:accepted], dts[:accepted]
@@ -938,5 +959,6 @@ def solve(
             "sensitivity": type(sens).__name__,
             "parallel_forward": getattr(prob, "parallel", False),
             "newton_iterations": getattr(prob, "n_newton", 0),
+            "sequential_windows": prob.n_sequential_windows,
         },
     )

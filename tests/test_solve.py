@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from adjointhydro import Forcing, solve
+from adjointhydro import CheckpointedAdjoint, Forcing, solve
 from adjointhydro.models import exphydro, exphydro_m50, lotka_volterra, reservoir_cascade
 
 from conftest import exphydro_sample_forcing, synthetic_forcing
@@ -114,6 +114,36 @@ def test_solve_in_inference_mode_then_with_gradients():
     assert model.flux("Q").net[0].weight.grad.abs().sum() > 0
     # (sequential forward there, parallel in time here: equal to far below the tolerance)
     torch.testing.assert_close(sol.discharge.detach(), q0, rtol=1e-9, atol=1e-9)
+
+
+def test_parallel_forward_falls_back_period_by_period_for_one_window_only(monkeypatch):
+    """A window whose Newton iterations fail is solved period by period; the windows
+    after it go on in parallel, and the result equals the sequential solve."""
+    import adjointhydro._rk as rk
+    import sys
+    solve_mod = sys.modules["adjointhydro.solve"]  # (the package's name `solve` is the function)
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(2, 120, seed=6)
+    # max_rows 80 = 20 periods x 2 basins x 2 stores per window: 6 windows
+    sens = dict(max_rows=80, warm_start=False)
+    ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, **sens))
+    real = solve_mod._period_jacobian
+
+    def failing(prob, y_rows, fvals, params, b_idx, k_idx, *a, **k):
+        if (int(k_idx.min()), int(k_idx.max())) == (20, 39):  # the second window of the forward
+            raise rk.StepFailure(0, 0.0, "simulated: a Newton guess the solver cannot integrate")
+        return real(prob, y_rows, fvals, params, b_idx, k_idx, *a, **k)
+
+    monkeypatch.setattr(solve_mod, "_period_jacobian", failing)
+    sol = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
+    assert sol.stats["parallel_forward"] and sol.stats["sequential_windows"] == 1
+    # (Newton converges to well below the solver tolerance of 1e-3, not to rounding)
+    torch.testing.assert_close(sol.discharge, ref.discharge, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sol.stores, ref.stores, rtol=1e-4, atol=1e-4)
+    w = model.flux("Q").net[0].weight
+    (g,) = torch.autograd.grad(sol.discharge.sum(), [w])
+    (g_ref,) = torch.autograd.grad(ref.discharge.sum(), [w])
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
 
 
 # ------------------------------------------------------------------ mass balance
