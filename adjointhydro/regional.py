@@ -40,7 +40,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time as _time
 import warnings
 from dataclasses import dataclass, field

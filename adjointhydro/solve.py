@@ -249,7 +249,6 @@ class _Problem:
         ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
         ``b_idx``/``k_idx`` give each row's basin and period (``None`` = all basins, one period ``k_idx``).
         """
-        model = self.model
         if b_idx is None:
             pr = params
             fk = fvals[:, k_idx]

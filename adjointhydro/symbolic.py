@@ -2464,7 +2464,7 @@ class InspectionReport:
         for name, fi in self.fluxes.items():
             c = fi.chosen
             L += [f"## Flux `{name}`", ""]
-            L.append(f"Inputs: " + ", ".join(
+            L.append("Inputs: " + ", ".join(
                 f"`{k}` ({fi.samples.kinds[k]}, {fi.samples.units.get(k) or '?'}, {lo:.4g}..{hi:.4g})"
                 for k, (lo, hi) in fi.samples.bounds().items()))
             L.append(f"Samples: {fi.samples.n_visited} visited, {int((~fi.samples.visited).sum())} on the grid; "
