@@ -325,12 +325,19 @@ class Model(nn.Module):
 
         ``forcing`` and ``params`` map names to ``[rows]`` tensors.
         """
+        return self._evaluate(stores, forcing, params, None)
+
+    def _evaluate(self, stores: torch.Tensor, forcing: Vars, params: Vars,
+                  plans: Sequence | None) -> torch.Tensor:
+        """The rates, each network run from its prepared ``plans[i]`` where one is given."""
         v = Vars(zip(self.store_names, stores.unbind(-1)))
         v.update(forcing)
         v.update(params)
         out = []
-        for f in self.flux_modules:
-            r = f.forward(v)  # skip nn.Module hook dispatch: this runs millions of times
+        for i, f in enumerate(self.flux_modules):
+            plan = None if plans is None else plans[i]
+            # forward, not __call__: skips nn.Module hook dispatch, this runs millions of times
+            r = f.forward(v) if plan is None else f.forward(v, plan)
             if isinstance(f, NeuralFluxGroup):
                 cols = r.unbind(-1)
                 v.update(zip(f.names, cols))
@@ -349,26 +356,7 @@ class Model(nn.Module):
         networks' own weights. Make a new one after the weights change.
         """
         plans = [f._plan() if isinstance(f, (NeuralFlux, NeuralFluxGroup)) else None for f in self.flux_modules]
-        mods = list(zip(self.flux_modules, plans, [isinstance(f, NeuralFluxGroup) for f in self.flux_modules]))
-        store_names = self.store_names
-
-        def rates(stores: torch.Tensor, forcing: Vars, params: Vars) -> torch.Tensor:
-            v = Vars(zip(store_names, stores.unbind(-1)))
-            v.update(forcing)
-            v.update(params)
-            out = []
-            for f, plan, group in mods:
-                r = f.forward(v) if plan is None else f.forward(v, plan)
-                if group:
-                    cols = r.unbind(-1)
-                    v.update(zip(f.names, cols))
-                    out.extend(cols)
-                else:
-                    v[f.name] = r
-                    out.append(r)
-            return torch.stack(out, dim=-1)
-
-        return rates
+        return lambda stores, forcing, params: self._evaluate(stores, forcing, params, plans)
 
     def extra_repr(self) -> str:
         lines = [f"name={self.name!r}", f"stores={list(self.store_names)}"]
