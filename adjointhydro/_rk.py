@@ -5,11 +5,11 @@ its own step size: a flashy basin does not force small steps on a slow one.
 Steps never cross a period boundary, so piecewise-constant forcing is exact
 and the daily flux totals are integrals of the rates over the period.
 
-The state is split in two: stores ``y`` ``[rows, n]`` and the period's flux
-totals ``q`` ``[rows, m]``. Only fluxes are evaluated; the stores change by
-``q @ W`` where ``W`` ``[m, n]`` is the model's wiring matrix (+1 into a store,
--1 out of it), so storage change equals net flux total to rounding: mass balance
-holds by construction, also for every intermediate stage.
+The state is split in two: stores ``y`` and the period's flux totals ``q``, held
+feature-major inside (``[n, rows]``, ``[m, rows]``). Only fluxes are evaluated; the
+stores change by ``W^T q`` where ``W`` ``[m, n]`` is the model's wiring matrix (+1
+into a store, -1 out of it), so storage change equals net flux total to rounding:
+mass balance holds by construction, also for every intermediate stage.
 """
 from __future__ import annotations
 
@@ -120,8 +120,10 @@ def integrate_period(
     """Integrate every row over one period of length ``span``.
 
     Args:
-        flux: ``flux(idx)`` gives the rate function ``f(y, s) -> [rows, m]`` for the rows
-            ``idx`` (``None``: all rows), at stores ``y`` and local time ``s`` ``[rows]``.
+        flux: ``flux(idx)`` gives the rate function ``f(y, s) -> [m, rows]`` for the rows
+            ``idx`` (``None``: all rows), at stores ``y`` ``[n, rows]`` and local time
+            ``s`` ``[rows]`` (feature-major: one contiguous row per store or flux, which
+            makes every elementwise operation of the fluxes contiguous).
         wiring: ``[m, n]`` matrix, store rates are ``rates @ wiring``.
         y0: stores at the period start ``[rows, n]``.
         dt0: proposed first step per row ``[rows]`` (adaptive methods); ``None``
@@ -134,16 +136,18 @@ def integrate_period(
     one period among thousands solved in parallel, does not make every row step).
 
     Returns:
-        ``(y1, q, dt_next, dt_start, n_iterations, n_flux_evaluations)`` where ``q``
-        are the flux totals over the period ``[rows, m]``, ``dt_next`` the proposed
-        first step of the next period and ``dt_start`` the first step tried here.
+        ``(y1, q, dt_next, dt_start, n_iterations, n_flux_evaluations)`` where ``y1``
+        ``[rows, n]`` are the stores at the period end, ``q`` the flux totals over the
+        period ``[rows, m]``, ``dt_next`` the proposed first step of the next period and
+        ``dt_start`` the first step tried here.
     """
     rows = y0.shape[0]
     dtype, device = y0.dtype, y0.device
     m = wiring.shape[0]
+    wt = wiring.t()  # [n, m]: store change = wt @ flux totals
     s = torch.zeros(rows, dtype=dtype, device=device)
-    y = y0
-    q = torch.zeros(rows, m, dtype=dtype, device=device)
+    y = y0.t().contiguous()
+    q = torch.zeros(m, rows, dtype=dtype, device=device)
     adaptive = tab.e is not None and fixed_step is None
     min_h = span * 1e-10
     coef = _coefficients(tab, dtype, device)
@@ -154,7 +158,7 @@ def integrate_period(
         if dt0 is None:
             with torch.no_grad():
                 k0 = k_first if k_first is not None else f_all(y, s)
-                dt0 = _initial_step(f_all, wiring, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
+                dt0 = _initial_step(f_all, wt, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
             n_evals += 1 if k_first is not None else 2
         h_prop = dt0.to(dtype).clamp(max=span)
     else:
@@ -163,6 +167,7 @@ def integrate_period(
     n_iter = 0
     idx = None  # rows still stepping (None: all)
     f_sub = f_all
+    n_stages = len(tab.c)
     # working copies of the active rows
     ys, qs, ss, hs, ks0 = y, q, s, h_prop, k_first
     while True:
@@ -181,8 +186,8 @@ def integrate_period(
             sel = active.nonzero()[:, 0]
             idx = sel if idx is None else idx[sel]
             f_sub = flux(idx)
-            ys, qs, ss, hs = y[idx], q[idx], s[idx], h_prop[idx]
-            ks0 = k_first[idx] if k_first is not None else None
+            ys, qs, ss, hs = y[:, idx], q[:, idx], s[idx], h_prop[idx]
+            ks0 = k_first[:, idx] if k_first is not None else None
             remaining = span - ss
             active = torch.ones_like(ss, dtype=torch.bool)
         if not tab.fsal:
@@ -191,30 +196,29 @@ def integrate_period(
         last = hs >= remaining
         h = torch.where(last, remaining, hs)
         h = torch.where(active, h, torch.zeros_like(h))
-        hc = h[:, None]
         ks = [ks0]
-        for i in range(1, len(tab.c)):
-            # stage combination in flux space, y + h * (sum_j a_ij k_j) W, as fused
+        for i in range(1, n_stages):
+            # stage combination in flux space, y + wt @ (h * sum_j a_ij k_j), as fused
             # multiply-adds (stacking the stages instead copies every earlier stage again)
             comb = None
             for a_ij, k_j in zip(tab.a[i], ks):
                 if a_ij != 0.0:
                     comb = k_j * a_ij if comb is None else torch.add(comb, k_j, alpha=a_ij)
-            ks.append(f_sub(ys + (comb @ wiring) * hc, ss + tab.c[i] * h))
-        n_evals += len(tab.c) - 1
-        K = torch.stack(ks, dim=-1) if len(ks) > 1 else ks[0][..., None]
-        dq = (K @ coef["b"]) * hc
-        y_new = ys + dq @ wiring
+            ks.append(f_sub(torch.addmm(ys, wt, comb * h), ss + tab.c[i] * h))
+        n_evals += n_stages - 1
+        K = torch.stack(ks, dim=0).reshape(n_stages, -1)  # [stages, m * rows]
+        dq = (coef["b"] @ K).view(m, -1) * h
+        y_new = torch.addmm(ys, wt, dq)
         q_new = qs + dq
         s_new = torch.where(last, torch.full_like(ss, span), ss + h)
         if adaptive:
-            eq = ((K @ coef["e"]) * hc).detach()
-            ey = eq @ wiring
+            eq = ((coef["e"] @ K).view(m, -1) * h).detach()
+            ey = wt @ eq
             yd, ynd, qd, qnd = ys.detach(), y_new.detach(), qs.detach(), q_new.detach()
             sy = atol + rtol * torch.maximum(yd.abs(), ynd.abs())
             sq = atol + rtol * torch.maximum(qd.abs(), qnd.abs())
-            ratio = torch.sqrt((torch.cat([ey / sy, eq / sq], dim=1) ** 2).mean(dim=1))
-            finite = torch.isfinite(ynd).all(dim=1) & torch.isfinite(qnd).all(dim=1)
+            ratio = torch.sqrt((torch.cat([ey / sy, eq / sq], dim=0) ** 2).mean(dim=0))
+            finite = torch.isfinite(ynd).all(dim=0) & torch.isfinite(qnd).all(dim=0)
             ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
             accept = active & ((ratio <= 1.0) | ((h <= min_h) & finite))
             factor = torch.clamp(0.9 * ratio.clamp(min=1e-10) ** (-1.0 / (tab.order + 1)), 0.2, 10.0)
@@ -226,39 +230,41 @@ def integrate_period(
             fail = active & ~accept & (h * 0.2 < min_h)
         else:
             accept = active
-            fail = active & ~(torch.isfinite(y_new.detach()).all(dim=1))
+            fail = active & ~(torch.isfinite(y_new.detach()).all(dim=0))
         if bool(fail.any()):
             r = int(fail.nonzero()[0])
-            reason = "non-finite state" if not bool(torch.isfinite(y_new[r].detach()).all()) else "step size underflow"
+            reason = "non-finite state" if not bool(torch.isfinite(y_new[:, r].detach()).all()) else "step size underflow"
             raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), reason)
-        acc = accept[:, None]
-        ys = torch.where(acc, y_new, ys)
-        qs = torch.where(acc, q_new, qs)
+        ys = torch.where(accept, y_new, ys)
+        qs = torch.where(accept, q_new, qs)
         ss = torch.where(accept, s_new, ss)
         if tab.fsal:
-            ks0 = torch.where(acc, ks[-1], ks0)
+            ks0 = torch.where(accept, ks[-1], ks0)
     y, q, s, h_prop, k_first = _scatter(idx, (y, q, s, h_prop, k_first), (ys, qs, ss, hs, ks0))
-    return y, q, h_prop, dt_start, n_iter, n_evals
+    return y.t(), q.t(), h_prop, dt_start, n_iter, n_evals
 
 
 def _scatter(idx, full, part):
-    """Write the rows ``idx`` of each ``part`` tensor into its ``full`` tensor (out of place)."""
+    """Write the rows ``idx`` (the last dimension) of each ``part`` tensor into its ``full`` tensor (out of place)."""
     if idx is None:
         return part
-    return tuple(None if f is None else f.index_copy(0, idx, p) for f, p in zip(full, part))
+    return tuple(None if f is None else f.index_copy(f.dim() - 1, idx, p) for f, p in zip(full, part))
 
 
-def _initial_step(flux, wiring, y0, s, k0, span, order, rtol, atol):
-    """Per-row first step (Hairer, Norsett & Wanner, II.4), so that a sharp start is not stepped over."""
+def _initial_step(flux, wt, y0, s, k0, span, order, rtol, atol):
+    """Per-row first step (Hairer, Norsett & Wanner, II.4), so that a sharp start is not stepped over.
+
+    Feature-major: ``wt`` ``[n, m]``, ``y0`` ``[n, rows]``, ``k0`` ``[m, rows]``.
+    """
     scale_y = atol + rtol * y0.abs()
-    f0 = k0 @ wiring
-    d0 = torch.sqrt(((y0 / scale_y) ** 2).mean(dim=1))
-    d1 = torch.sqrt(torch.cat([(f0 / scale_y) ** 2, (k0 / atol) ** 2], dim=1).mean(dim=1))
+    f0 = wt @ k0
+    d0 = torch.sqrt(((y0 / scale_y) ** 2).mean(dim=0))
+    d1 = torch.sqrt(torch.cat([(f0 / scale_y) ** 2, (k0 / atol) ** 2], dim=0).mean(dim=0))
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6 * span), 0.01 * d0 / d1.clamp(min=1e-30))
     h0 = h0.clamp(max=span)
-    k1 = flux(y0 + h0[:, None] * f0, s + h0)
-    f1 = k1 @ wiring
-    d2 = torch.sqrt(torch.cat([((f1 - f0) / scale_y) ** 2, ((k1 - k0) / atol) ** 2], dim=1).mean(dim=1)) / h0
+    k1 = flux(y0 + h0 * f0, s + h0)
+    f1 = wt @ k1
+    d2 = torch.sqrt(torch.cat([((f1 - f0) / scale_y) ** 2, ((k1 - k0) / atol) ** 2], dim=0).mean(dim=0)) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.maximum(h0 * 1e-3, torch.full_like(h0, 1e-6 * span)),
                      (0.01 / dmax.clamp(min=1e-30)) ** (1.0 / (order + 1)))

@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars
+from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars, _NeuralBase
 
 __all__ = ["Store", "Parameter", "Model", "ModelError"]
 
@@ -325,41 +325,72 @@ class Model(nn.Module):
 
         ``forcing`` and ``params`` map names to ``[rows]`` tensors.
         """
-        return self._evaluate(stores, forcing, params, None)
-
-    def _evaluate(self, stores: torch.Tensor, forcing: Vars, params: Vars,
-                  plans: Sequence | None) -> torch.Tensor:
-        """The rates, each network run from its prepared ``plans[i]`` where one is given."""
         v = Vars(zip(self.store_names, stores.unbind(-1)))
         v.update(forcing)
         v.update(params)
+        return torch.stack(self._evaluate(v), dim=-1)
+
+    def _evaluate(self, v: Vars, bound: Sequence | None = None, stores: torch.Tensor | None = None
+                  ) -> list[torch.Tensor]:
+        """Each flux's rate, in order; ``v`` holds stores, forcing and parameters and gains the fluxes.
+
+        With ``bound`` (see :meth:`_rate_function`) the networks run from their bound plans
+        (``bound[i]``, ``None`` for a module run as is) on ``stores`` ``[n, rows]``.
+        """
         out = []
         for i, f in enumerate(self.flux_modules):
-            plan = None if plans is None else plans[i]
-            # forward, not __call__: skips nn.Module hook dispatch, this runs millions of times
-            r = f.forward(v) if plan is None else f.forward(v, plan)
-            if isinstance(f, NeuralFluxGroup):
-                cols = r.unbind(-1)
+            if isinstance(f, _NeuralBase):
+                cols = f._columns(v, None if bound is None else bound[i], stores)
                 v.update(zip(f.names, cols))
                 out.extend(cols)
             else:
+                # forward, not __call__: skips nn.Module hook dispatch, this runs millions of times
+                r = f.forward(v)
                 v[f.name] = r
                 out.append(r)
-        return torch.stack(out, dim=-1)
+        return out
 
-    def _rate_function(self) -> Callable[[torch.Tensor, Vars, Vars], torch.Tensor]:
+    def _rate_function(self) -> "_PreparedRates":
         """:meth:`fluxes` prepared for many evaluations with the same weights (the solver's).
 
         The networks are prepared once (:meth:`_NeuralBase._plan`: normalisation and
-        ``tanh`` rescaling folded into the weights), so each call runs fewer operations.
-        Made under autograd, the preparation is part of the graph: gradients reach the
-        networks' own weights. Make a new one after the weights change.
+        ``tanh`` rescaling folded into the weights, feature-major layout). Made under
+        autograd, the preparation is part of the graph: gradients reach the networks'
+        own weights. Make a new one after the weights change.
         """
-        plans = [f._plan() if isinstance(f, (NeuralFlux, NeuralFluxGroup)) else None for f in self.flux_modules]
-        return lambda stores, forcing, params: self._evaluate(stores, forcing, params, plans)
+        plans = [f._plan(self.store_names) if isinstance(f, _NeuralBase) else None for f in self.flux_modules]
+        return _PreparedRates(self, plans)
 
     def extra_repr(self) -> str:
         lines = [f"name={self.name!r}", f"stores={list(self.store_names)}"]
         for n, s, t in self.wiring:
             lines.append(f"  {n}: {s or 'outside'} -> {t or 'outside'}")
         return "\n".join(lines)
+
+
+class _PreparedRates:
+    """The solver's rate function (:meth:`Model._rate_function`), feature-major.
+
+    ``bind(const)`` takes the variables that stay constant over a period (parameters,
+    and piecewise-constant forcing), ``[rows]`` each, and folds them into the networks'
+    first layers once; the function it returns maps stores ``[n, rows]`` (and any
+    variables that change within the period, ``extra``) to rates ``[m, rows]``.
+    """
+
+    def __init__(self, model: Model, plans: list) -> None:
+        self.model = model
+        self.plans = plans
+
+    def bind(self, const: Vars) -> Callable[..., torch.Tensor]:
+        model = self.model
+        bound = [None if p is None else f._bind(p, const) for f, p in zip(model.flux_modules, self.plans)]
+        names = model.store_names
+
+        def rates(stores: torch.Tensor, extra: Vars | None = None) -> torch.Tensor:
+            v = Vars(zip(names, stores.unbind(0)))
+            v.update(const)
+            if extra is not None:
+                v.update(extra)
+            return torch.stack(model._evaluate(v, bound, stores), dim=0)
+
+        return rates

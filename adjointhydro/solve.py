@@ -269,22 +269,30 @@ class _Problem:
                 fp = fvals[b_idx, (k_idx - 1).clamp(min=0)]
                 fn = fvals[b_idx, (k_idx + 1).clamp(max=T - 1)]
         fnames, pnames = self.fnames, self.pnames
-        rates_fn = self.rates()
+        rates = self.rates()
+        # feature-major [variable, rows]: each variable a contiguous row
+        prT, fkT = pr.t().contiguous(), fk.t().contiguous()
+        fpT = fnT = None
+        if fp is not None:
+            fpT, fnT = fp.t().contiguous(), fn.t().contiguous()
 
         def flux_for(idx):
-            """Rate function for the rows ``idx`` (forcing and parameters gathered once)."""
-            p_, f_ = (pr, fk) if idx is None else (pr[idx], fk[idx])
-            pdict = Vars(zip(pnames, p_.unbind(-1)))
-            if fp is None:
-                fdict = Vars(zip(fnames, f_.unbind(-1)))
-                return lambda y, s: rates_fn(y, fdict, pdict)
-            a_, c_ = (fp, fn) if idx is None else (fp[idx], fn[idx])
+            """Rate function for the rows ``idx``, with this period's constants bound once."""
+            p_, f_ = (prT, fkT) if idx is None else (prT[:, idx], fkT[:, idx])
+            const = Vars(zip(pnames, p_.unbind(0)))
+            if fpT is None:
+                # piecewise-constant forcing: constant over the period, like the parameters
+                const.update(zip(fnames, f_.unbind(0)))
+                bound = rates.bind(const)
+                return lambda y, s: bound(y)
+            bound = rates.bind(const)
+            a_, c_ = (fpT, fnT) if idx is None else (fpT[:, idx], fnT[:, idx])
 
             def rate(y, s):
                 # linear between period midpoints: kink at s = span/2
-                u = (s / span)[:, None]
+                u = s / span
                 f = torch.where(u < 0.5, a_ + (f_ - a_) * (u + 0.5), f_ + (c_ - f_) * (u - 0.5))
-                return rates_fn(y, Vars(zip(fnames, f.unbind(-1))), pdict)
+                return bound(y, Vars(zip(fnames, f.unbind(0))))
 
             return rate
 
