@@ -171,6 +171,12 @@ class Model(nn.Module):
             if d not in {w[0] for w in wiring}:
                 raise ModelError(f"{self.name}: discharge flux {d!r} is not a flux of the model")
         self.wiring = tuple(wiring)
+        # networks evaluated column by column (and preparable for the solver); a subclass
+        # that overrides forward runs its own forward instead
+        self._columnar = tuple(
+            isinstance(f, _NeuralBase) and type(f).forward in (NeuralFlux.forward, NeuralFluxGroup.forward)
+            for f in self.flux_modules
+        )
         self.flux_names = tuple(w[0] for w in wiring)
         self.store_names = tuple(store_names)
         self.parameter_names = tuple(p.name for p in self.parameters_spec)
@@ -339,8 +345,12 @@ class Model(nn.Module):
         """
         out = []
         for i, f in enumerate(self.flux_modules):
-            if isinstance(f, _NeuralBase):
+            if self._columnar[i]:
                 cols = f._columns(v, None if bound is None else bound[i], stores)
+                v.update(zip(f.names, cols))
+                out.extend(cols)
+            elif isinstance(f, NeuralFluxGroup):  # a subclass with its own forward
+                cols = f.forward(v).unbind(-1)
                 v.update(zip(f.names, cols))
                 out.extend(cols)
             else:
@@ -358,7 +368,7 @@ class Model(nn.Module):
         autograd, the preparation is part of the graph: gradients reach the networks'
         own weights. Make a new one after the weights change.
         """
-        plans = [f._plan(self.store_names) if isinstance(f, _NeuralBase) else None for f in self.flux_modules]
+        plans = [f._plan(self.store_names) if c else None for f, c in zip(self.flux_modules, self._columnar)]
         return _PreparedRates(self, plans)
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ import time
 
 CASE = r'''
 import json, resource, sys, time
-import numpy as np, torch
+import torch
 torch.set_num_threads({threads})
 torch.manual_seed(0)
 from adjointhydro import Forcing, solve, CheckpointedAdjoint
@@ -38,15 +38,12 @@ device = torch.device("{device}")
 dtype = getattr(torch, "{dtype}")
 cuda = device.type == "cuda"
 T = 365 * years
-rng = np.random.default_rng(0)
-doy = np.arange(T) % 365
-season = np.cos(2 * np.pi * (doy - 200) / 365)
-temp = 8 + 14 * season[None] + rng.normal(0, 3, (B, T))
-prcp = rng.gamma(0.7, 7.0, (B, T)) * (rng.random((B, T)) < 0.45)
-pet = np.clip(2.2 + 1.8 * season, 0.1, None)[None].repeat(B, 0)
-forcing = Forcing(np.stack([prcp, temp, pet], -1), ("P", "T", "PET")).to(dtype=dtype, device=device)
+sys.path.insert(0, {bench_dir!r})
+from bench_diffrax import forcing as synthetic_forcing  # the benchmarks' one generator
+fv, target = synthetic_forcing(B, years)
+forcing = Forcing(fv, ("P", "T", "PET")).to(dtype=dtype, device=device)
 model = exphydro_m50(hidden=(16, 16), dtype=dtype).to(device)
-obs = torch.from_numpy(prcp * 0.4).to(device=device, dtype=dtype)
+obs = torch.from_numpy(target).to(device=device, dtype=dtype)
 
 def sync():
     if cuda:
@@ -117,8 +114,9 @@ print(json.dumps(dict(fwd=fwd, total=tot, nfe=nfe, peak_mb=rss / 1024, base_mb=r
 
 def run_case(basins: int, years: int, sens: str, repeat: int, threads: int, timeout: float,
              device: str = "cpu", dtype: str = "float64") -> dict:
+    import os
     code = CASE.format(basins=basins, years=years, sens=sens, repeat=repeat, threads=threads, device=device,
-                       dtype=dtype)
+                       dtype=dtype, bench_dir=os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

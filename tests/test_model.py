@@ -315,3 +315,28 @@ def test_m100_partition_mass_balance_and_gradients():
     assert sum(float(gr.abs().sum()) for gr in grads) > 0
     # the first layer's weights on P and T (which decide the split) get gradient too
     assert float(group.net[0].weight.grad.abs().sum()) > 0
+
+
+def test_network_subclass_with_its_own_forward_is_used_by_fluxes_and_solver():
+    """A user's NeuralFlux subclass that overrides forward is run as written, not through
+    the solver's prepared network path."""
+    from adjointhydro.fluxes import Vars
+
+    class Doubled(NeuralFlux):
+        def forward(self, v):
+            return 2.0 * super().forward(v)
+
+    base = exphydro_m50(hidden=(8,))
+    plain = base.flux("Q")
+    doubled = Doubled("Q", list(plain.inputs), hidden=(8,), limit_by="soil")
+    doubled.load_state_dict(plain.state_dict())
+    m = base.replace_flux(doubled.double())
+    y = torch.tensor([[10.0, 800.0], [0.0, 300.0]], dtype=torch.float64)
+    fd = Vars(P=torch.tensor([3.0, 0.0], dtype=torch.float64), T=torch.tensor([5.0, -2.0], dtype=torch.float64),
+              PET=torch.tensor([2.0, 1.0], dtype=torch.float64))
+    pd = Vars(zip(m.parameter_names, m.physical_parameters().expand(2, -1).unbind(-1)))
+    j = m.flux_names.index("Q")
+    ref = base.fluxes(y, fd, pd)[:, j]
+    torch.testing.assert_close(m.fluxes(y, fd, pd)[:, j], 2.0 * ref)
+    fast = m._rate_function().bind(Vars(**fd, **pd))(y.T.contiguous())
+    torch.testing.assert_close(fast[j], 2.0 * ref)
