@@ -59,22 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default 1: the solver's many small operations run fastest, "
              "and far faster than with several threads on a busy machine)",
     )
+    placed = argparse.ArgumentParser(add_help=False)
+    placed.add_argument(
+        "--device", default=None, metavar="DEVICE",
+        help="cpu, cuda, cuda:N or auto: overrides the configuration's solver.device",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    t = sub.add_parser("train", parents=[common], help="calibrate M0 and train the hybrid; write a run folder")
+    t = sub.add_parser("train", parents=[common, placed], help="calibrate M0 and train the hybrid; write a run folder")
     t.add_argument("config", help="the TOML configuration")
     t.add_argument("-o", "--output-dir", help="folder for the run folder (default: run.output_dir)")
     t.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
 
-    r = sub.add_parser("resume", parents=[common], help="continue an interrupted training run")
+    r = sub.add_parser("resume", parents=[common, placed], help="continue an interrupted training run")
     r.add_argument("run", help="the run folder")
     r.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
 
-    e = sub.add_parser("evaluate", parents=[common], help="recompute metrics and plots of a run from its saved models")
+    e = sub.add_parser("evaluate", parents=[common, placed], help="recompute metrics and plots of a run from its saved models")
     e.add_argument("run", help="the run folder")
 
-    s = sub.add_parser("simulate", parents=[common], help="forward run with default or given parameters")
+    s = sub.add_parser("simulate", parents=[common, placed], help="forward run with default or given parameters")
     s.add_argument("config", help="the TOML configuration")
     s.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a physical parameter (repeatable); overrides [model] parameters")
@@ -151,9 +156,17 @@ def _print_regional(run_dir, t0: float | None = None) -> None:
     print(f"\nrun folder: {run_dir}{tail}")
 
 
+def _regional_on_cpu(args) -> None:
+    from .config import ConfigError
+
+    if getattr(args, "device", None) not in (None, "cpu"):
+        raise ConfigError(f"--device {args.device}: a regional run ([regional]) runs on the CPU in this version")
+
+
 def _train_regional_cli(cfg, args, log, t0: float, **where) -> int:
     """Regional training, in one process or (under ``torchrun``) data-parallel over several:
     every process trains its shard of each batch; rank 0 writes the run folder and prints."""
+    _regional_on_cpu(args)
     from . import distributed as D
     from .regional_runs import train_regional_run
 
@@ -187,6 +200,8 @@ def _cmd_train(args, log) -> int:
 
     t0 = time.perf_counter()
     cfg = load_config(args.config)
+    if args.device is not None:
+        cfg.solver.device = cfg.checked_device(args.device, "--device")
     if cfg.regional is not None:
         return _train_regional_cli(cfg, args, log, t0, output_dir=args.output_dir)
     _no_torchrun(f"{args.config}: single-basin training")
@@ -208,7 +223,8 @@ def _cmd_resume(args, log) -> int:
 
         return _train_regional_cli(load_run_config(args.run), args, log, t0, run_dir=args.run)
     _no_torchrun(f"{args.run}: resuming a single-basin run")
-    run_dir = resume(args.run, progress=not args.quiet, on_epoch=_epoch_hook(args.stop_after_epochs), log=log)
+    run_dir = resume(args.run, progress=not args.quiet, on_epoch=_epoch_hook(args.stop_after_epochs), log=log,
+                     device=args.device)
     _print_summary(read_metrics(run_dir), sys.stdout)
     print(f"\nrun folder: {run_dir} ({time.perf_counter() - t0:.0f} s)")
     return 0
@@ -219,10 +235,11 @@ def _cmd_evaluate(args, log) -> int:
     from .regional_runs import evaluate_regional_run, is_regional_run
 
     if Path(args.run).is_dir() and (Path(args.run) / "run.json").is_file() and is_regional_run(args.run):
+        _regional_on_cpu(args)
         evaluate_regional_run(args.run, log=log)
         _print_regional(args.run)
         return 0
-    metrics = evaluate(args.run, log=log)
+    metrics = evaluate(args.run, log=log, device=args.device)
     _print_summary(metrics, sys.stdout)
     return 0
 
@@ -233,6 +250,8 @@ def _cmd_simulate(args, log) -> int:
 
     params = _parse_params(args.param)
     cfg = load_config(args.config)
+    if args.device is not None:
+        cfg.solver.device = cfg.checked_device(args.device, "--device")
     out = simulate(cfg, parameters=params, output_dir=args.output_dir, output=args.output, log=log)
     if args.output is None:
         _print_summary(read_metrics(out.parent), sys.stdout)

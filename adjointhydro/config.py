@@ -56,6 +56,9 @@ to the configuration file::
     parallel_forward = false       # checkpoint: parallel-in-time forward pass also in calibration
                                    # (faster for a few rows; the default sequential pass keeps memory
                                    # bounded where random starts hit stiff corners of the box)
+    dtype = "float64"              # float64 | float32: the hybrid's networks (training ~1.7x faster on
+                                   # CPU, metrics agree to ~1e-3); the physics model stays float64
+    device = "cpu"                 # cpu | cuda | cuda:N | auto (cuda where a GPU is visible)
 
     [calibration]                  # of the physics model M0
     optimizer = "adam"             # adam | lbfgs | de (differential evolution, one basin at a time)
@@ -123,13 +126,17 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import math
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used: reading a configuration needs none
+    import torch
 
 __all__ = [
     "Config",
@@ -280,6 +287,15 @@ class SolverConfig:
     atol: float = 1e-3
     sensitivity: str = "checkpoint"
     parallel_forward: bool = False
+    dtype: str = "float64"
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return torch.float32 if self.dtype == "float32" else torch.float64
+
 
 
 @dataclass
@@ -356,6 +372,37 @@ class Config:
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.where}: {key}: {problem}")
 
+    def checked_device(self, value: str, key: str = "solver.device") -> str:
+        """``value`` normalised if it names a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``), else a ConfigError."""
+        d = str(value).strip().lower()
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", d):
+            raise self.error(key, f"unknown device {value!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+        return d
+
+    def torch_device(self) -> "torch.device":
+        """The device of ``solver.device``; ``auto`` is CUDA where a GPU is visible, else the CPU.
+
+        Raises:
+            ConfigError: CUDA asked for but not available here (names the torch build).
+        """
+        import torch
+
+        d = self.solver.device
+        if d == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(d)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+                raise self.error(
+                    "solver.device",
+                    f"{d!r} but no CUDA GPU is visible (torch {torch.__version__}, {build}); "
+                    f"use 'cpu' or 'auto', or --device cpu on the command line",
+                )
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise self.error("solver.device", f"{d!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+        return dev
+
     def dataset(self):
         """The data set (loaded and checked once, then cached)."""
         if self._dataset is None:
@@ -390,7 +437,7 @@ _KINDS: dict[str, dict[str, str]] = {
         "parameters": "float_map",
     },
     "solver": {"method": "str", "rtol": "float", "atol": "float", "sensitivity": "str",
-               "parallel_forward": "bool"},
+               "parallel_forward": "bool", "dtype": "str", "device": "str"},
     "calibration": {
         "optimizer": "str", "iterations": "int", "lr": "float", "n_starts": "int", "loss": "str",
         "popsize": "int", "target_loss": "float",
@@ -810,6 +857,9 @@ def _check_static(cfg: Config) -> None:
         raise cfg.error("solver.parallel_forward", f"only used with sensitivity = 'checkpoint', not {sens!r}")
     _positive(cfg, "solver.rtol", s.rtol)
     _positive(cfg, "solver.atol", s.atol)
+    s.dtype = {"double": "float64", "float": "float32", "single": "float32"}.get(s.dtype.lower(), s.dtype.lower())
+    _one_of(cfg, "solver.dtype", s.dtype, ("float64", "float32"))
+    s.device = cfg.checked_device(s.device)
 
     # [calibration] / [training]
     losses = list(LOSSES)
@@ -837,6 +887,10 @@ def _check_regional(cfg: Config) -> None:
     from .regional import REGIONAL_LOSSES
 
     g, m, d = cfg.regional, cfg.model, cfg.data
+    for key, value, default in (("solver.dtype", cfg.solver.dtype, "float64"), ("solver.device", cfg.solver.device, "cpu")):
+        if value != default:
+            raise cfg.error(key, f"{value!r}: a regional run ([regional]) runs as float64 on the CPU in this "
+                                 f"version; remove {key} (it applies to runs without [regional])")
     if g.attributes is None:
         raise cfg.error("regional.attributes", "required: the static attributes the parameter network reads, "
                         "e.g. attributes = [\"p_mean\", \"aridity\"]")

@@ -252,7 +252,8 @@ class Model(nn.Module):
 
     def to_unconstrained(self, physical: torch.Tensor) -> torch.Tensor:
         """Physical ``[..., P]`` -> unconstrained values (inverse of :meth:`to_physical`)."""
-        physical = torch.as_tensor(physical, dtype=torch.float64)
+        # float64 on the model's device, whatever the values came as
+        physical = torch.as_tensor(physical, dtype=torch.float64, device=self.param_low.device)
         self.check_parameters(physical)
         low, high = self.param_low.to(physical.dtype), self.param_high.to(physical.dtype)
         u = ((physical - low) / (high - low)).clamp(1e-9, 1 - 1e-9)
@@ -304,9 +305,9 @@ class Model(nn.Module):
             n = max([cur.shape[0]] + [torch.as_tensor(v).numel() for v in values.values()])
             new = cur.expand(n, -1).clone()
             for k, v in values.items():
-                new[:, self.parameter_names.index(k)] = torch.as_tensor(v, dtype=new.dtype)
+                new[:, self.parameter_names.index(k)] = torch.as_tensor(v, dtype=new.dtype, device=new.device)
             values = new
-        values = torch.as_tensor(values, dtype=torch.float64)
+        values = torch.as_tensor(values, dtype=torch.float64, device=self.param_low.device)
         if values.ndim == 1:
             values = values[None]
         with torch.no_grad():

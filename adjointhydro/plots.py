@@ -124,7 +124,7 @@ def flux_rates_at_states(model, stores: torch.Tensor, forcing: torch.Tensor, for
         fv = Vars(zip(model.forcing_names, forcing[:, idx].to(dtype).unbind(-1)))
         p = parameters.to(dtype).expand(stores.shape[0], -1)
         pv = Vars(zip(model.parameter_names, p.unbind(-1)))
-        return model.fluxes(stores, fv, pv).numpy()
+        return model.fluxes(stores, fv, pv).cpu().numpy()
 
 
 def flux_comparison(

@@ -1304,11 +1304,14 @@ class CrossValidationResult:
             trained ``model`` and ``network`` (in memory only, not in ``folds.json``).
         metrics: pooled over folds: every basin (each held out once) -> period -> metric.
         parameters: every basin -> parameter -> value predicted while it was held out.
+        dynamic_parameters: every basin -> dynamic parameter -> daily values ``[time]``
+            predicted while it was held out (empty without dynamic parameters).
     """
 
     folds: list[dict]
     metrics: dict[str, dict[str, dict[str, float]]]
     parameters: dict[str, dict[str, float]] = field(default_factory=dict)
+    dynamic_parameters: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def summary(self, metric: str = "nse") -> dict[str, dict[str, float]]:
         """period -> distribution of ``metric`` over all held-out basins (pooled)."""
@@ -1378,6 +1381,7 @@ def cross_validate_basins(
     folds: list[dict] = []
     pooled: dict[str, dict[str, dict[str, float]]] = {}
     pooled_params: dict[str, dict[str, float]] = {}
+    pooled_dynamic: dict[str, dict[str, np.ndarray]] = {}
     out = Path(out_dir) if out_dir is not None else None
     for i, test_idx in enumerate(folds_idx):
         t0 = _time.perf_counter()
@@ -1399,13 +1403,17 @@ def cross_validate_basins(
             p = net(held.attributes).cpu().numpy()
         for j, b in enumerate(test_ids):
             pooled_params[b] = {n: float(p[j, c]) for c, n in enumerate(net.parameter_names)}
+        dyn = _dynamic_arrays(net, held)
+        for j, b in enumerate(test_ids):
+            if dyn:
+                pooled_dynamic[b] = {n: v[j] for n, v in dyn.items()}
         pooled.update(met)
         folds.append({
             "fold": i, "train_basins": train_ids, "test_basins": test_ids, "metrics": met,
             "summary": {m: _summaries(met, m) for m in metrics}, "best_epoch": res.best_epoch,
             "seconds": _time.perf_counter() - t0, "model": model, "network": net,
         })
-    result = CrossValidationResult(folds, pooled, pooled_params)
+    result = CrossValidationResult(folds, pooled, pooled_params, pooled_dynamic)
     if out is not None and _dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "metrics.json", pooled)

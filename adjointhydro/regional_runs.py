@@ -322,6 +322,7 @@ def _evaluate_cv_run(run_dir: Path, cfg: Config, log: Log) -> dict:
     row = {b: i for i, b in enumerate(part.basins)}
     sim = np.full((len(part.basins), len(part.dates)), np.nan)
     params = None
+    dynamic: dict[str, np.ndarray] = {}  # name -> [basin, time], each basin from the fold that held it out
     pooled: dict[str, dict] = {}
     folds = []
     log(f"evaluating the held-out basins of {k} folds over {part.dates[0]}..{part.dates[-1]} "
@@ -340,14 +341,18 @@ def _evaluate_cv_run(run_dir: Path, cfg: Config, log: Log) -> dict:
         if twice:
             raise RunError(f"{path}: basin(s) {twice[:5]} are held out by an earlier fold too")
         held = part.select_basins(test)
-        met, q = evaluate_regional(model, network, held, held.observed(obs), periods=masks,
-                                   metrics=REGIONAL_METRICS, method=cfg.solver.method, rtol=cfg.solver.rtol,
-                                   atol=cfg.solver.atol)
+        met, q, dyn = evaluate_regional(model, network, held, held.observed(obs), periods=masks,
+                                        metrics=REGIONAL_METRICS, method=cfg.solver.method, rtol=cfg.solver.rtol,
+                                        atol=cfg.solver.atol, return_dynamic=True)
         p = _parameters(network, held)
         if params is None:
             params = np.full((len(part.basins), p.shape[1]), np.nan)
+        for n in dyn:
+            dynamic.setdefault(n, np.full((len(part.basins), len(part.dates)), np.nan))
         for j, b in enumerate(test):
             sim[row[b]], params[row[b]] = q[j], p[j]
+            for n, v in dyn.items():
+                dynamic[n][row[b]] = v[j]
         pooled.update(met)
         summ = _summary(met, masks)
         _write_json(path.parent / "heldout_metrics.json", _json_safe(met))
@@ -361,6 +366,11 @@ def _evaluate_cv_run(run_dir: Path, cfg: Config, log: Log) -> dict:
     metrics = {b: pooled[b] for b in part.basins}
     _write_json(run_dir / "folds.json", _json_safe(folds))
     _write_outputs(run_dir, cfg, part, masks, metrics, sim, params, model, _KIND_CV, log)
+    if dynamic:  # each basin's daily dynamic parameters, predicted while it was held out
+        from .regional import write_dynamic_parameters
+
+        write_dynamic_parameters(run_dir / "dynamic_parameters.npz", dynamic, part.basins, part.dates)
+        log(f"wrote dynamic_parameters.npz ({', '.join(dynamic)} per basin and day, held out)")
     return metrics
 
 

@@ -228,6 +228,24 @@ def _solve_kw(cfg: Config) -> dict:
     return {"method": cfg.solver.method, "rtol": cfg.solver.rtol, "atol": cfg.solver.atol}
 
 
+def _place(model, dtype: torch.dtype, device: torch.device):
+    """``model`` on ``device`` with its networks as ``dtype`` (in place; returns it).
+
+    The physical parameters and their bounds stay float64: rounding a bound to float32
+    could put a calibrated value just outside it.
+    """
+    if model is None:
+        return None
+    for f in model.neural_fluxes():
+        f.to(dtype)
+    return model.to(device)
+
+
+def _cpu_state(model) -> dict:
+    """``model.state_dict()`` on the CPU: run folders read back on any machine."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 # ---------------------------------------------------------------- the models
 def build_hybrid(cfg: Config, physics=None):
     """The hybrid of ``cfg.model`` with freshly initialised networks (seeded by ``run.seed``), or None."""
@@ -259,7 +277,7 @@ def build_hybrid(cfg: Config, physics=None):
             )
             hybrid = hybrid.replace_flux(nf)
         hybrid.name = f"{physics.name} with networks for {', '.join(m.network_fluxes)}"
-    return hybrid.to(torch.float64)
+    return hybrid.to(device="cpu", dtype=torch.float64)
 
 
 def _physics_with(cfg: Config, parameters: torch.Tensor | None):
@@ -279,11 +297,13 @@ def _calibrate_m0(cfg: Config, physics, forcing, observed, train_mask, progress:
     t0 = _time.perf_counter()
     if c.iterations == 0:
         log("calibration: iterations = 0, M0 keeps its given/default parameters")
-        params = physics.physical_parameters().detach().expand(forcing.n_basins, -1).clone()
+        params = physics.physical_parameters().detach().cpu().expand(forcing.n_basins, -1).clone()
         return {"parameters": params, "parameter_names": list(physics.parameter_names), "history": [],
                 "loss": None, "seconds": 0.0, "n_model_runs": 0, "optimizer": None}
     log(f"calibrating M0 ({physics.name}): {c.optimizer}, {c.iterations} iterations, "
         f"{c.n_starts} start(s), loss {c.loss}, {cfg.solver.method} with {cfg.solver.sensitivity} gradients")
+    # always float64 (solver.dtype is for the networks): the L-BFGS line search compares
+    # losses to 1e-12; in float32, Leaf River's calibration took another path, 2.7x longer
     kw = dict(score_mask=train_mask, loss=c.loss, seed=cfg.run.seed, target_loss=c.target_loss, **_solve_kw(cfg))
     if c.optimizer == "de":
         results = []
@@ -346,7 +366,8 @@ def _scale_outputs(hybrid, physics, sol, forcing, params) -> None:
     B, T = forcing.n_basins, forcing.n_steps
     stores = sol.stores[:, :-1].detach().reshape(B * T, -1)
     fv = forcing.values.reshape(B * T, -1)
-    p = params.detach().to(torch.float64).expand(B, -1)[:, None].expand(B, T, -1).reshape(B * T, -1)
+    p = params.detach().to(dtype=torch.float64, device=stores.device)
+    p = p.expand(B, -1)[:, None].expand(B, T, -1).reshape(B * T, -1)
     rates = flux_rates_at_states(physics, stores.to(torch.float64), fv, forcing.names, p)
     rms = np.sqrt(np.mean(rates ** 2, axis=0))
     for f in hybrid.neural_fluxes():
@@ -428,15 +449,17 @@ def train(
     if p.train_start is None:
         raise cfg.error("periods.train_start", "required to train (with periods.train_end)")
     cfg.dataset()  # validate against the data before creating anything
+    dtype, device = cfg.solver.torch_dtype, cfg.torch_device()
     # the forcing checks (NaN, negative rates) also come before the run folder
     forcing, observed, dates = _segment(cfg, p.training_end)
+    forcing = forcing.to(device=device)
     run_dir, resuming = _open_run_dir(cfg, output_dir, run_dir, log)
     t_all = _time.perf_counter()
     masks = period_masks(cfg, dates)
     train_mask, val_mask = masks["train"], masks.get("validation")
 
     # 1. M0
-    physics = build_physics_model(cfg.model)
+    physics = _place(build_physics_model(cfg.model), dtype, device)
     m0_path = run_dir / "m0.pt"
     if resuming and m0_path.is_file():
         m0 = _torch_load(m0_path)
@@ -453,7 +476,7 @@ def train(
     params = m0["parameters"]
 
     # 2. hybrid
-    hybrid = build_hybrid(cfg, physics)
+    hybrid = _place(build_hybrid(cfg, physics), dtype, device)
     if hybrid is not None:
         t = cfg.training
         pre_path = run_dir / "pretrained.pt"
@@ -471,7 +494,7 @@ def train(
                 hybrid.set_parameters(params)
                 with _sigint_guard(run_dir, "pretraining"):
                     history = _pretrain(cfg, hybrid, physics, params, forcing, log)
-                pre = {"state_dict": hybrid.state_dict(), "history": history}
+                pre = {"state_dict": _cpu_state(hybrid), "history": history}
                 atomic_torch_save(pre, pre_path)
                 _update_info(run_dir, stage="pretrained", timings={"pretraining": _time.perf_counter() - t0})
             result = None
@@ -499,8 +522,8 @@ def train(
                 hybrid.set_parameters(params)
                 log("training.epochs = 0: the hybrid keeps its pretrained networks")
             atomic_torch_save({
-                "state_dict": hybrid.state_dict(),
-                "parameters": hybrid.physical_parameters().detach(),
+                "state_dict": _cpu_state(hybrid),
+                "parameters": hybrid.physical_parameters().detach().cpu(),
                 "parameter_names": list(hybrid.parameter_names),
                 "history": result.history if result else [],
                 "best_epoch": result.best_epoch if result else None,
@@ -515,9 +538,16 @@ def train(
     return run_dir
 
 
-def resume(run_dir: str | os.PathLike, *, progress: bool = True, on_epoch=None, log: Log = print) -> Path:
-    """Continue an interrupted :func:`train` run in ``run_dir`` (see :func:`train`)."""
+def resume(run_dir: str | os.PathLike, *, progress: bool = True, on_epoch=None, log: Log = print,
+           device: str | None = None) -> Path:
+    """Continue an interrupted :func:`train` run in ``run_dir`` (see :func:`train`).
+
+    ``device`` overrides the run's ``solver.device`` (a run started on a GPU may go on
+    on a CPU; the results then differ by rounding only).
+    """
     cfg = load_run_config(run_dir)
+    if device is not None:
+        cfg.solver.device = cfg.checked_device(device, "--device")
     info = read_run_info(Path(run_dir))
     if info.get("command") != "train":
         raise RunError(f"{run_dir}: a {info.get('command')!r} run, not a training run; nothing to resume")
@@ -528,7 +558,7 @@ def _load_hybrid_state(hybrid, params, state: dict, source: Path) -> None:
     hybrid.set_parameters(params)  # gives raw the [basin, P] shape of the saved state
     raw = state.get("raw")
     if raw is not None and tuple(raw.shape) != tuple(hybrid.raw.shape):
-        hybrid.raw = torch.nn.Parameter(torch.zeros_like(raw))
+        hybrid.raw = torch.nn.Parameter(torch.zeros_like(raw, device=hybrid.param_low.device))
     try:
         hybrid.load_state_dict(state)
     except RuntimeError as e:
@@ -607,10 +637,20 @@ def compute_metrics(observed: np.ndarray, simulated: np.ndarray, masks: Mapping[
 
 
 def _simulate(model, forcing, params, cfg: Config):
+    """Solve on the configured device (a hybrid in the configured dtype, a physics model in float64);
+    the solution comes back float64 on the CPU, and so does the model."""
     from .solve import solve
 
-    with torch.no_grad():
-        return solve(model, forcing, parameters=params, sensitivity=_sensitivity(cfg), **_solve_kw(cfg))
+    device = cfg.torch_device()
+    dtype = cfg.solver.torch_dtype if model.neural_fluxes() else torch.float64
+    _place(model, dtype, device)
+    try:
+        with torch.no_grad():
+            sol = solve(model, forcing.to(device=device), parameters=params.to(device), dtype=dtype,
+                        sensitivity=_sensitivity(cfg), **_solve_kw(cfg))
+        return sol.to("cpu", torch.float64)
+    finally:
+        _place(model, torch.float64, torch.device("cpu"))
 
 
 def _model_block(model, sol, params, kind: str) -> dict:
@@ -802,13 +842,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
-def evaluate(run: str | os.PathLike | LoadedRun, *, log: Log = print) -> dict:
+def evaluate(run: str | os.PathLike | LoadedRun, *, log: Log = print, device: str | None = None) -> dict:
     """Simulate the saved models of a run over all periods; write metrics.json, results.h5 and plots.
 
+    ``device`` overrides the run's ``solver.device`` for these simulations.
     Returns the metrics (as written to metrics.json).
     """
     lr = run if isinstance(run, LoadedRun) else load_run(run)
     cfg = lr.config
+    if device is not None:
+        cfg.solver.device = cfg.checked_device(device, "--device")
     forcing, observed, dates = _segment(cfg)
     masks = period_masks(cfg, dates)
     log(f"evaluating over {dates[0]}..{dates[-1]} ({len(dates)} days)")

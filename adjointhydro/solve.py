@@ -167,6 +167,14 @@ class Solution:
     basins: tuple[str, ...] = ()
     stats: dict = field(default_factory=dict)
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Solution":
+        """A copy with stores and fluxes on ``device`` and/or as ``dtype`` (e.g. ``sol.to("cpu")``)."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, stores=self.stores.to(device=device, dtype=dtype), fluxes=self.fluxes.to(device=device, dtype=dtype)
+        )
+
     def store(self, name: str) -> torch.Tensor:
         """Content of one store ``[basin, period + 1]``."""
         if name not in self.store_names:

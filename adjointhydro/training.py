@@ -326,6 +326,7 @@ def calibrate(
     initial_state: Any = None,
     target_loss: float | None = None,
     progress: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> CalibrationResult:
     """Calibrate the physical parameters of ``model`` with adjoint gradients.
 
@@ -362,6 +363,10 @@ def calibrate(
             integrate (:class:`SolverError`) counts as a large loss.
         target_loss: stop as soon as the best loss of every basin is <= this value.
         progress: show a tqdm progress bar.
+        dtype: floating type of the solves (default as :func:`~adjointhydro.solve.solve`:
+            the networks' weights, else float64). The solves run on the forcing's device
+            (``forcing.to(device=...)``, with the model moved there too); the optimiser's
+            values and the results stay float64.
 
     Returns:
         a :class:`CalibrationResult`; ``n_model_runs`` counts ``n_starts * basins`` per solve.
@@ -396,16 +401,18 @@ def calibrate(
 
     B, P = forcing.n_basins, len(model.parameter_names)
     R = n_starts * B
+    dev = forcing.values.device
     rows_forcing = forcing if n_starts == 1 else forcing.select(basins=list(range(B)) * n_starts)
-    obs_rows = torch.as_tensor(np.tile(scored, (n_starts, 1)))
+    obs_rows = torch.as_tensor(np.tile(scored, (n_starts, 1)), device=dev)
     y0_rows = _replicate_initial_state(initial_state, B, n_starts, model.n_stores)
 
+    # the starts are drawn on the CPU: the same seed gives the same starts on every device
     gen = torch.Generator().manual_seed(int(seed))
     u = torch.rand(n_starts, B, P, generator=gen, dtype=torch.float64)
     u = _START_MARGIN + (1 - 2 * _START_MARGIN) * u
-    raw = (torch.log(u) - torch.log1p(-u)).reshape(R, P).clone().requires_grad_(True)
+    raw = (torch.log(u) - torch.log1p(-u)).reshape(R, P).to(dev).clone().requires_grad_(True)
 
-    best_loss = torch.full((R,), float("inf"), dtype=torch.float64)
+    best_loss = torch.full((R,), float("inf"), dtype=torch.float64, device=dev)
     best_raw = raw.detach().clone()
     counters = {"solves": 0, "runs": 0, "failed": 0, "rejected": 0}
     history: list[dict] = []
@@ -413,7 +420,7 @@ def calibrate(
     def evaluate(x: torch.Tensor) -> torch.Tensor:
         sol = solve(
             model, rows_forcing, parameters=model.to_physical(x), initial_state=y0_rows,
-            method=method, rtol=rtol, atol=atol, sensitivity=sensitivity,
+            method=method, rtol=rtol, atol=atol, sensitivity=sensitivity, dtype=dtype,
         )
         counters["solves"] += 1
         counters["runs"] += R
@@ -492,7 +499,7 @@ def calibrate(
                         # of a 4-minute calibration)
                         counters["rejected"] += 1
                         raw.grad = torch.zeros_like(raw)
-                        return torch.tensor(penalty * R, dtype=torch.float64)
+                        return torch.tensor(penalty * R, dtype=torch.float64, device=dev)
                     try:
                         L = evaluate(raw)
                     except SolverError:
@@ -500,7 +507,7 @@ def calibrate(
                         counters["solves"] += 1
                         counters["runs"] += R
                         raw.grad = torch.zeros_like(raw)
-                        return torch.tensor(penalty * R, dtype=torch.float64)
+                        return torch.tensor(penalty * R, dtype=torch.float64, device=dev)
                     L = torch.where(torch.isfinite(L), L, torch.full_like(L, penalty))
                     total = L.sum()
                     total.backward()
@@ -538,10 +545,11 @@ def calibrate(
     start_losses = best_loss.view(n_starts, B)
     start_raw = best_raw.view(n_starts, B, P)
     pick = start_losses.argmin(0)
-    best = start_raw[pick, torch.arange(B)]
+    best = start_raw[pick, torch.arange(B, device=dev)]
     with torch.no_grad():
-        phys = model.to_physical(best).to(torch.float64)
-        all_phys = model.to_physical(start_raw).to(torch.float64)
+        phys = model.to_physical(best).to(torch.float64).cpu()
+        all_phys = model.to_physical(start_raw).to(torch.float64).cpu()
+    start_losses = start_losses.cpu()
     return CalibrationResult(
         parameters=phys.detach(),
         loss=start_losses.min(0).values.numpy().copy(),
@@ -576,6 +584,7 @@ def calibrate_de(
     atol: float = 1e-3,
     initial_state: Any = None,
     polish: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> CalibrationResult:
     """Gradient-free baseline: scipy's differential evolution, population solved as one batch.
 
@@ -619,7 +628,7 @@ def calibrate_de(
     if not model.parameter_names:
         raise ValueError(f"model {model.name!r} has no physical parameters to calibrate")
     scored, _ = _scored_observations(observed, forcing, score_mask, loss)
-    obs = torch.as_tensor(scored)
+    obs = torch.as_tensor(scored, device=forcing.values.device)
     low = model.param_low.detach().cpu().numpy().astype(np.float64)
     high = model.param_high.detach().cpu().numpy().astype(np.float64)
     forcing_cache: dict[int, Forcing] = {}
@@ -650,10 +659,10 @@ def calibrate_de(
             with torch.no_grad():
                 sol = solve(
                     model, forcing_cache[S], parameters=torch.as_tensor(xs), initial_state=y0,
-                    method=method, rtol=rtol, atol=atol, sensitivity="direct",
+                    method=method, rtol=rtol, atol=atol, sensitivity="direct", dtype=dtype,
                 )
                 sim = sol.discharge
-                L = _row_losses(sim, obs.to(sim.dtype).expand(S, -1), loss).to(torch.float64).numpy()
+                L = _row_losses(sim, obs.to(sim.dtype).expand(S, -1), loss).to(torch.float64).cpu().numpy()
         except SolverError:
             counters["failed"] += 1
             if S == 1:
@@ -711,16 +720,16 @@ def calibrate_de(
 
 # ------------------------------------------------------------ pretrain_fluxes
 def _physics_parameter_vars(
-    physics_parameters: Any, names: Sequence[str], B: int
+    physics_parameters: Any, names: Sequence[str], B: int, device: torch.device | None = None
 ) -> dict[str, torch.Tensor]:
-    """Physical parameters (tensor ``[P]``/``[B, P]`` or mapping) -> name -> ``[B]``."""
+    """Physical parameters (tensor ``[P]``/``[B, P]`` or mapping) -> name -> ``[B]`` (float64, on ``device``)."""
     if isinstance(physics_parameters, Mapping):
         out = {}
         for k, v in physics_parameters.items():
-            t = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+            t = torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1)
             out[k] = t.expand(B) if t.numel() == 1 else t
         return out
-    p = torch.as_tensor(physics_parameters, dtype=torch.float64).detach()
+    p = torch.as_tensor(physics_parameters, dtype=torch.float64, device=device).detach()
     if p.ndim == 1:
         p = p[None]
     if p.shape[-1] != len(names):
@@ -791,7 +800,8 @@ def pretrain_fluxes(
     if not mask.any():
         raise ValueError("score_mask selects no time step: nothing to fit")
     torch.manual_seed(int(seed))
-    mt = torch.as_tensor(mask)
+    dev = forcing.values.device
+    mt = torch.as_tensor(mask, device=dev)
     n_rows = B * int(mask.sum())
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # [B, T] -> [rows]
@@ -804,7 +814,7 @@ def pretrain_fluxes(
     for n in forcing.names:
         v[n] = rows(forcing[n])
     pnames = physics_model.parameter_names if physics_model is not None else hybrid.parameter_names
-    pv = _physics_parameter_vars(physics_parameters, pnames, B)
+    pv = _physics_parameter_vars(physics_parameters, pnames, B, dev)
     for n, p in pv.items():
         v[n] = p.to(torch.float64)[:, None].expand(B, int(mask.sum())).reshape(-1)
     if physics_model is not None:
@@ -951,6 +961,10 @@ def train_hybrid(
         progress: tqdm progress bar.
         on_epoch: called as ``on_epoch(epoch, record)`` after each epoch's checkpoint.
         grad_clip: max gradient norm (None: no clipping).
+
+    The solves run in the networks' floating type (``model.to(torch.float32)`` for
+    single precision) on the forcing's device: move both there first
+    (``model.to("cuda")``, ``forcing.to(device="cuda")``).
     """
     t_start = _time.perf_counter()
     loss = _check_loss_name(loss)
@@ -1057,12 +1071,14 @@ def _train_hybrid(
                 # resumed run takes the same steps as an uninterrupted one
                 ws = ck["warm_start"]
                 # a dict {"stores", "dt"}; runs saved before step proposals were kept hold the stores only
-                warm.update(ws if isinstance(ws, dict) else {"stores": ws})
+                ws = ws if isinstance(ws, dict) else {"stores": ws}
+                dev = forcing.values.device
+                warm.update({k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ws.items()})
         else:
             warnings.warn(f"resume=True but {last_path} does not exist; starting from scratch", stacklevel=2)
 
-    obs_t = torch.as_tensor(train_obs)
-    obs_v = torch.as_tensor(val_obs) if val_obs is not None else None
+    obs_t = torch.as_tensor(train_obs, device=forcing.values.device)
+    obs_v = torch.as_tensor(val_obs, device=forcing.values.device) if val_obs is not None else None
     bar = _progress_bar(epochs, progress, "train", initial=start_epoch)
     try:
         epoch = start_epoch

@@ -397,6 +397,66 @@ def test_inspect_through_the_cli(tiny_run, tmp_path, capsys):
     assert seconds < 300, f"inspect took {seconds:.0f} s"
 
 
+def test_single_precision_run_agrees_with_double(tiny_run, tmp_path, capsys):
+    """solver.dtype = "float32": the networks train in float32 (the physics model stays
+    float64: M0 is the float64 run's), the hybrid's metrics agree with the float64 run to
+    rounding, and the saved run evaluates to the same metrics again."""
+    import torch
+
+    _, run64, metrics64, _ = tiny_run
+    cfg = write(tmp_path, TINY + '\n[solver]\ndtype = "float32"\n')
+    assert main(["train", str(cfg), "-q"]) == 0
+    run = only_run(tmp_path / "runs")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["m0"] == metrics64["m0"]
+    for period, vals in metrics64["hybrid"]["basins"]["leaf_river"].items():
+        got = metrics["hybrid"]["basins"]["leaf_river"][period]
+        # float32 rounding through pretraining, training and evaluation: ~1e-5 here
+        assert got["nse"] == pytest.approx(vals["nse"], abs=1e-3), period
+        assert got["kge"] == pytest.approx(vals["kge"], abs=1e-3), period
+        assert got["nse"] != vals["nse"]  # it did run in float32
+    state = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    nets = {k: v for k, v in state.items() if ".net." in k}
+    assert nets and all(v.dtype == torch.float32 for v in nets.values())
+    assert state["raw"].dtype == torch.float64  # parameters and bounds stay float64
+    (run / "metrics.json").unlink()
+    assert main(["evaluate", str(run), "-q", "--device", "cpu"]) == 0
+    assert_same_metrics(metrics, json.loads((run / "metrics.json").read_text()))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error where no GPU is visible")
+def test_cuda_device_without_gpu_is_one_clear_line(tmp_path, capsys):
+    cfg = write(tmp_path, TINY + '\n[solver]\ndevice = "cuda"\n')
+    assert main(["train", str(cfg), "-q"]) == 2
+    line = one_error_line(capsys)
+    assert "solver.device" in line and "no CUDA GPU" in line and "--device cpu" in line
+    assert not (tmp_path / "runs").exists()
+    assert main(["simulate", str(write(tmp_path, SIMULATE, "sim.toml")), "-q", "--device", "cuda:0"]) == 2
+    assert "no CUDA GPU" in one_error_line(capsys)
+    assert main(["simulate", str(tmp_path / "sim.toml"), "-q", "--device", "gpu"]) == 2
+    assert "--device" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_gpu_agrees_with_cpu(tiny_run, tmp_path, capsys):
+    _, _, metrics64, _ = tiny_run
+    cfg = write(tmp_path, TINY)
+    assert main(["train", str(cfg), "-q", "--device", "cuda"]) == 0
+    run = only_run(tmp_path / "runs")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("m0", "hybrid"):
+        for period, vals in metrics64[key]["basins"]["leaf_river"].items():
+            got = metrics[key]["basins"]["leaf_river"][period]
+            assert got["nse"] == pytest.approx(vals["nse"], abs=1e-6), (key, period)
+    # the saved run is portable: evaluated on the CPU, the same metrics
+    (run / "metrics.json").unlink()
+    assert main(["evaluate", str(run), "-q", "--device", "cpu"]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    for key in ("m0", "hybrid"):
+        for period, vals in metrics[key]["basins"]["leaf_river"].items():
+            assert again[key]["basins"]["leaf_river"][period]["nse"] == pytest.approx(vals["nse"], abs=1e-8)
+
+
 def test_physics_only_train(tmp_path, capsys):
     text = TINY.replace('name = "exphydro_m50"', 'name = "exphydro"').replace("hidden = [8, 8]\n", "")
     cfg = write(tmp_path, text.replace("iterations = 4", "iterations = 2"))

@@ -136,6 +136,23 @@ def test_regional_config_errors_name_the_key(tmp_path, h5, regional, model, extr
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("line, key", [('dtype = "float32"', "solver.dtype: 'float32': a regional run"),
+                                       ('device = "cuda"', "solver.device: 'cuda': a regional run")])
+def test_regional_runs_are_float64_on_the_cpu(tmp_path, h5, line, key):
+    text = _config(h5).replace('method = "euler"', f'method = "euler"\n{line}')
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, path=tmp_path / "c.toml")
+    assert key in str(e.value)
+
+
+def test_regional_device_option_is_refused(tmp_path, h5, capsys):
+    cfg = _write(tmp_path, _config(h5))
+    assert main(["train", str(cfg), "-q", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cuda: a regional run" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_attribute_names_the_key(tmp_path, h5, capsys):
     text = _config(h5).replace('"aridity", "soil_depth"', '"aridty", "soil_depth"')
     cfg = _write(tmp_path, text)
@@ -427,6 +444,33 @@ def test_cross_validation_through_the_cli(tmp_path, caravan, capsys):
     out = capsys.readouterr().out
     assert "fold" in out and "NSE median" in out and "pooled" in out
     assert json.loads((run / "metrics.json").read_text()) == pooled
+
+
+def test_cross_validation_with_dynamic_parameters_writes_the_held_out_series(tmp_path, caravan, capsys):
+    """A CV run with dynamic parameters writes every basin's daily series, each from the fold
+    network that held the basin out (as a run without CV writes its own)."""
+    from adjointhydro.regional import evaluate_regional
+    from adjointhydro.regional_runs import _load_models
+    from adjointhydro.runs import _dataset_part, load_run_config
+
+    _, ts, att = caravan
+    text = _csv_config(ts, att, regional='cv_folds = 2\ndynamic_parameters = ["Df"]\ndynamic_lookback = 10')
+    cfg_path = _write(tmp_path, text.replace("epochs = 2", "epochs = 1"))
+    assert main(["train", str(cfg_path), "-q", "-o", str(tmp_path / "runs")]) == 0
+    (run,) = list((tmp_path / "runs").iterdir())
+    with np.load(run / "dynamic_parameters.npz") as z:
+        basins = list(z["basins"])
+        df = z["Df"]
+    assert sorted(basins) == [f"syn000{i}" for i in range(5)] and df.shape == (5, 730)
+    cfg = load_run_config(run)
+    part = _dataset_part(cfg)
+    for f in json.loads((run / "folds.json").read_text()):
+        model, network, _ = _load_models(cfg, run / f"fold{f['fold']}" / "model.pt")
+        held = part.select_basins(f["test_basins"])
+        _, _, dyn = evaluate_regional(model, network, held, held.observed("streamflow"), method="euler",
+                                      return_dynamic=True)
+        for j, b in enumerate(f["test_basins"]):
+            np.testing.assert_allclose(df[basins.index(b)], dyn["Df"][j], rtol=1e-12)
 
 
 def test_csv_folder_attribute_problems(tmp_path, caravan, capsys):

@@ -202,6 +202,8 @@ def test_neural_flux_of_the_snow_model_without_snow(tmp_path):
         ("[training]", '[calibration]\noptimizer = "adma"\n[training]', "calibration.optimizer", "'adam'"),
         ("[training]", '[data]\nsource = "leaf-river"\n[training]', "data.source", "'leaf_river'"),
         ("snow = false", "snow = false\nparameters = { Smaxx = 100.0 }", "model.parameters.Smaxx", "'Smax'"),
+        ("[training]", '[solver]\ndtype = "flaot32"\n[training]', "solver.dtype", "'float32'"),
+        ("[training]", '[solver]\ndevice = "gpu"\n[training]', "solver.device", "'cuda'"),
     ],
 )
 def test_unknown_names(tmp_path, old, new, key, hint):

@@ -187,6 +187,29 @@ def test_training_with_windows_returns_the_series_and_writes_them(small, tmp_pat
                resume=True, epochs=3)
 
 
+def test_cross_validation_collects_the_held_out_series(small):
+    """Every basin's dynamic series in a cross-validation comes from the fold that held it out."""
+    ds = small.dataset
+    cv = cross_validate_basins(exphydro, ds, k=2, seed=1, train_mask=np.arange(730) >= 200, epochs=1, batch_size=4,
+                               window=150, warmup=200, method="euler", sensitivity="direct", hidden=(8,),
+                               parameter_bounds=TWIN_BOUNDS, patience=None, dynamic_parameters=["Df"],
+                               dynamic_inputs=["T"], dynamic_lookback=15)
+    assert set(cv.dynamic_parameters) == set(ds.basins)
+    for f in cv.folds:
+        held = ds.select_basins(f["test_basins"])
+        _, _, dyn = evaluate_regional(f["model"], f["network"], held, periods={"all": np.ones(730, bool)},
+                                      method="euler", return_dynamic=True)
+        for j, b in enumerate(f["test_basins"]):
+            s = cv.dynamic_parameters[b]["Df"]
+            assert s.shape == (730,) and s.std() > 0
+            np.testing.assert_allclose(s, dyn["Df"][j], rtol=1e-12)
+    # the two folds' networks differ, so a basin's series is not the other fold's
+    a, b = cv.folds[0], cv.folds[1]
+    other = evaluate_regional(b["model"], b["network"], ds.select_basins(a["test_basins"][:1]),
+                              method="euler", return_dynamic=True)[2]["Df"][0]
+    assert np.abs(other - cv.dynamic_parameters[a["test_basins"][0]]["Df"]).max() > 1e-6
+
+
 # -------------------------------------------------------------------- (d) bad input
 def test_bad_dynamic_settings_give_clear_errors(small):
     ds = small.dataset

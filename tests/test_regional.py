@@ -265,7 +265,7 @@ def test_cross_validation_holds_out_every_basin_once(small, tmp_path):
     s = cv.summary("nse")
     assert s["test"]["n"] + s["test"]["n_nan"] == 8
     assert (tmp_path / "cv" / "metrics.json").is_file() and (tmp_path / "cv" / "fold0" / "metrics.json").is_file()
-    assert set(cv.parameters) == set(ds.basins)
+    assert set(cv.parameters) == set(ds.basins) and cv.dynamic_parameters == {}
     with pytest.raises(ValueError, match="k must be between 2 and the number of basins"):
         cross_validate_basins(exphydro, ds, k=9)
 

@@ -315,6 +315,10 @@ def test_solution_labels_and_units():
     assert torch.equal(sol.discharge, sol.flux("Q"))
     with pytest.raises(KeyError, match="no flux 'q'"):
         sol.flux("q")
+    low = sol.to(dtype=torch.float32)
+    assert low.stores.dtype == low.fluxes.dtype == torch.float32 and sol.stores.dtype == torch.float64
+    assert low.flux_names == sol.flux_names and low.dates is sol.dates
+    assert torch.allclose(low.discharge.double(), sol.discharge, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- devices
