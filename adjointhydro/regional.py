@@ -630,8 +630,10 @@ def _basin_losses(sim: torch.Tensor, obs: torch.Tensor, loss: str, scale: torch.
 def _simulate(
     model: Model, network: AttributeParameters, d: _Data, steps: slice | None, *,
     method: str, rtol: float, atol: float, sensitivity: Any, basins: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Discharge ``[b, t]`` of the chosen basins over ``steps``, parameters from the network."""
+    """Discharge ``[b, t]`` of the chosen basins over ``steps``, parameters from the network
+    (solved as ``dtype``; default :func:`~adjointhydro.solve.solve`'s)."""
     idx = list(range(len(d.basins))) if basins is None else list(basins)
     f = d.forcing.select(idx, steps)
     params = network(d.attributes[idx])
@@ -645,7 +647,7 @@ def _simulate(
         series = _dynamic_series(network, d, idx, steps)
         dyn = dict(zip(network.dynamic_names, series.unbind(-1)))
     sol = solve(model, f, parameters=params, dynamic_parameters=dyn, method=method, rtol=rtol, atol=atol,
-                sensitivity=sensitivity)
+                sensitivity=sensitivity, dtype=dtype)
     return sol.discharge
 
 
@@ -849,6 +851,7 @@ def evaluate_regional(
     atol: float = 1e-3,
     batch_size: int = 256,
     return_dynamic: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], np.ndarray] | tuple[
         dict[str, dict[str, dict[str, float]]], np.ndarray, dict[str, np.ndarray]]:
     """Simulate every basin over the whole record and score it in each period.
@@ -861,6 +864,7 @@ def evaluate_regional(
         metrics: names from :data:`adjointhydro.metrics.METRICS`.
         batch_size: basins per solve (bounds memory).
         return_dynamic: also return the daily dynamic parameters the simulation used.
+        dtype: floating type of the solves (as in :func:`train_regional`).
 
     Returns:
         ``(metrics, discharge)``: basin -> period -> metric -> value (NaN where undefined,
@@ -869,7 +873,7 @@ def evaluate_regional(
         ``[B, T]`` (empty for a static network).
     """
     d = _as_data(model, data, observed, attributes, network.attribute_names, network=network)
-    met, sim = _evaluate(model, network, d, periods, metrics, method, rtol, atol, batch_size)
+    met, sim = _evaluate(model, network, d, periods, metrics, method, rtol, atol, batch_size, dtype)
     if return_dynamic:
         return met, sim, _dynamic_arrays(network, d)
     return met, sim
@@ -886,7 +890,7 @@ def _dynamic_arrays(network: AttributeParameters, d: _Data) -> dict[str, np.ndar
     return {n: v[..., i].astype(np.float64) for i, n in enumerate(network.dynamic_names)}
 
 
-def _evaluate(model, network, d: _Data, periods, metrics, method, rtol, atol, batch_size):
+def _evaluate(model, network, d: _Data, periods, metrics, method, rtol, atol, batch_size, dtype=None):
     T = d.forcing.n_steps
     periods = {"all": np.ones(T, dtype=bool)} if periods is None else {
         k: _as_mask(v, T, f"period {k!r}") for k, v in periods.items()
@@ -896,7 +900,7 @@ def _evaluate(model, network, d: _Data, periods, metrics, method, rtol, atol, ba
         for s in range(0, len(d.basins), int(batch_size)):
             idx = list(range(s, min(s + int(batch_size), len(d.basins))))
             sims.append(_simulate(model, network, d, None, method=method, rtol=rtol, atol=atol,
-                                  sensitivity="direct", basins=idx).cpu().numpy())
+                                  sensitivity="direct", basins=idx, dtype=dtype).cpu().numpy())
     sim = np.concatenate(sims).astype(np.float64)
     out: dict[str, dict[str, dict[str, float]]] = {b: {} for b in d.basins}
     for name, m in periods.items():
@@ -962,6 +966,7 @@ def train_regional(
     final_metrics: bool = True,
     progress: bool = False,
     on_epoch: Callable[[int, dict], Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> RegionalResult:
     """Train a parameter network (and a hybrid's networks) on many basins at once.
 
@@ -1030,6 +1035,11 @@ def train_regional(
         final_metrics: compute the per-basin metrics at the end (False: ``metrics`` is
             empty; for benchmarks).
         on_epoch: ``on_epoch(epoch, record)`` after each epoch.
+        dtype: floating type of the solves (default: the model's networks', else float64).
+            With ``torch.float32`` a physics model is solved in single precision too; the
+            parameter network and the physical bounds stay float64 (give a hybrid's
+            networks the same type: ``f.to(torch.float32)`` for each of
+            ``model.neural_fluxes()``).
 
     Raises:
         ValueError: bad settings, missing or NaN attributes, basins with too few
@@ -1106,6 +1116,8 @@ def train_regional(
         "lr_schedule": lr_schedule, "val_every": int(val_every),
         "basins": list(d.basins), "world_size": world,
     }
+    if dtype is not None:  # only then: runs saved before the option still resume
+        config["dtype"] = str(dtype).replace("torch.", "")
     if network.is_dynamic:  # only then: resuming a static run compares the same keys as before
         config.update({"dynamic_parameters": list(network.dynamic_names),
                        "dynamic_inputs": list(network.dynamic_inputs), "dynamic_lookback": network.lookback})
@@ -1135,7 +1147,7 @@ def train_regional(
         torch.set_rng_state(ck["torch_rng"])  # dropout draws continue where they stopped
 
     n_train = len(d.basins)
-    kw = dict(method=method, rtol=rtol, atol=atol)
+    kw = dict(method=method, rtol=rtol, atol=atol, dtype=dtype)
     W = None if window is None else int(window)
     wu = int(warmup)
 
@@ -1255,7 +1267,7 @@ def train_regional(
             eval_periods["validation"] = vm
     met = {}
     if final_metrics:
-        met, _ = _evaluate(model, network, d, eval_periods, metrics, method, rtol, atol, eval_batch_size)
+        met, _ = _evaluate(model, network, d, eval_periods, metrics, method, rtol, atol, eval_batch_size, dtype)
     with torch.no_grad():
         p = network(d.attributes).cpu().numpy()
     params = {b: {n: float(p[i, j]) for j, n in enumerate(network.parameter_names)} for i, b in enumerate(d.basins)}
@@ -1398,7 +1410,7 @@ def cross_validate_basins(
         held = _as_data(model, data.select_basins(test_ids), None, None, names, observation, network=net)
         met, _ = _evaluate(model, net, held, periods, metrics, train_kwargs.get("method", "dopri5"),
                            train_kwargs.get("rtol", 1e-3), train_kwargs.get("atol", 1e-3),
-                           train_kwargs.get("eval_batch_size", 256))
+                           train_kwargs.get("eval_batch_size", 256), train_kwargs.get("dtype"))
         with torch.no_grad():
             p = net(held.attributes).cpu().numpy()
         for j, b in enumerate(test_ids):

@@ -94,6 +94,8 @@ def _models(cfg: Config):
     if m.name == "exphydro_m50":
         smoothing = None if m.smoothing == 0 else m.smoothing
         model = regional_hybrid(g.attributes, snow=m.use_snow, smoothing=smoothing, hidden=m.hidden_layers)
+        for f in model.neural_fluxes():  # solver.dtype; the bounds stay float64
+            f.to(cfg.solver.torch_dtype)
     else:
         model = build_physics_model(m)
     network = AttributeParameters(model, g.attributes, hidden=tuple(g.hidden), dynamic=tuple(g.dynamic_parameters),
@@ -137,6 +139,11 @@ def _check_window(cfg: Config, train_mask: np.ndarray, last: np.datetime64) -> N
                         f"period)") from None
 
 
+def _dtype(cfg: Config):
+    """solver.dtype for the regional functions: None (their default) for float64."""
+    return None if cfg.solver.dtype == "float64" else cfg.solver.torch_dtype
+
+
 def _train_settings(cfg: Config, progress: bool, on_epoch) -> dict:
     """Keyword arguments of :func:`~adjointhydro.regional.train_regional` from [regional] and [solver]."""
     g, s = cfg.regional, cfg.solver
@@ -146,7 +153,7 @@ def _train_settings(cfg: Config, progress: bool, on_epoch) -> dict:
         val_every=g.val_every, sensitivity=s.sensitivity, method=s.method, rtol=s.rtol, atol=s.atol,
         grad_clip=g.grad_clip, progress=progress, on_epoch=on_epoch,
         dynamic_parameters=tuple(g.dynamic_parameters), dynamic_inputs=g.dynamic_inputs,
-        dynamic_lookback=g.dynamic_lookback,
+        dynamic_lookback=g.dynamic_lookback, dtype=_dtype(cfg),
     )
 
 
@@ -301,7 +308,7 @@ def evaluate_regional_run(run_dir: str | os.PathLike, *, log: Log = print, cfg: 
     log(f"evaluating {len(part.basins)} basins over {part.dates[0]}..{part.dates[-1]} ({len(part.dates)} days)")
     metrics, sim, dyn = evaluate_regional(model, network, part, part.observed(observed_name(cfg)), periods=masks,
                                           metrics=REGIONAL_METRICS, method=cfg.solver.method, rtol=cfg.solver.rtol,
-                                          atol=cfg.solver.atol, return_dynamic=True)
+                                          atol=cfg.solver.atol, return_dynamic=True, dtype=_dtype(cfg))
     _write_outputs(run_dir, cfg, part, masks, metrics, sim, _parameters(network, part), model, _KIND, log)
     if dyn:  # regional.dynamic_parameters: their daily values over the evaluated record
         from .regional import write_dynamic_parameters
@@ -343,7 +350,7 @@ def _evaluate_cv_run(run_dir: Path, cfg: Config, log: Log) -> dict:
         held = part.select_basins(test)
         met, q, dyn = evaluate_regional(model, network, held, held.observed(obs), periods=masks,
                                         metrics=REGIONAL_METRICS, method=cfg.solver.method, rtol=cfg.solver.rtol,
-                                        atol=cfg.solver.atol, return_dynamic=True)
+                                        atol=cfg.solver.atol, return_dynamic=True, dtype=_dtype(cfg))
         p = _parameters(network, held)
         if params is None:
             params = np.full((len(part.basins), p.shape[1]), np.nan)

@@ -44,12 +44,14 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def one_epoch(ds, *, sensitivity: str, method: str, batch_size: int, full_record: bool, trace: bool) -> dict:
+def one_epoch(ds, *, sensitivity: str, method: str, batch_size: int, full_record: bool, trace: bool,
+              dtype: str = "float64") -> dict:
     """Time one training epoch of EXP-HYDRO dPL over the data set ``ds``."""
     T = ds.n_steps
     kw = dict(epochs=1, batch_size=batch_size, method=method, sensitivity=sensitivity, lr=1e-3,
               patience=None, hidden=(32, 32), parameter_bounds=TWIN_BOUNDS if method == "euler" else None,
-              val_every=10**9, final_metrics=False)  # validation after the epoch is not timed
+              val_every=10**9, final_metrics=False,  # validation after the epoch is not timed
+              dtype=getattr(torch, dtype))
     if full_record:
         kw.update(window=None, warmup=365)
     else:
@@ -67,7 +69,7 @@ def one_epoch(ds, *, sensitivity: str, method: str, batch_size: int, full_record
     train_s = res.history[0]["train_seconds"]
     days = ds.n_basins * (T if full_record else min(T, 730))
     rows.append({
-        "basins": ds.n_basins, "years": T // 365, "sensitivity": sensitivity, "method": method,
+        "basins": ds.n_basins, "years": T // 365, "sensitivity": sensitivity, "method": method, "dtype": dtype,
         "batch": batch_size, "epoch_s": train_s, "total_s": total, "basin_days_per_s": days / train_s,
         "rss_growth_mb": _rss_mb() - rss0, "peak_rss_mb": _rss_mb(), "traced_peak_mb": peak_traced,
     })
@@ -107,11 +109,12 @@ def ddp_run(nprocs: int, spec: dict) -> float:
         return json.loads(Path(out).read_text())["epoch_s"]
 
 
-def _row_in_subprocess(h5: str, a, sensitivity: str, batch: int) -> dict:
+def _row_in_subprocess(h5: str, a, sensitivity: str, batch: int, dtype: str = "float64") -> dict:
     """One epoch in a fresh process, so that its peak resident memory is its own."""
     import subprocess
 
-    cmd = [sys.executable, __file__, "--row", h5, sensitivity, str(batch), "--method", a.method]
+    cmd = [sys.executable, __file__, "--row", h5, sensitivity, str(batch), "--method", a.method,
+           "--dtypes", dtype]
     if a.full_record:
         cmd.append("--full-record")
     if a.trace:
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--years", type=int, default=10)
     ap.add_argument("--method", default="euler", help="solver method (euler: one-day steps; dopri5: adaptive)")
     ap.add_argument("--sensitivities", nargs="+", default=["direct", "checkpoint", "adjoint"])
+    ap.add_argument("--dtypes", nargs="+", default=["float64"], choices=["float64", "float32"],
+                    help="floating types of the solves in table 1 (train_regional's dtype)")
     ap.add_argument("--batch", type=int, default=64, help="basins per batch of table 1")
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[8, 32, 64])
     ap.add_argument("--ddp-basins", type=int, default=64)
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
 
         ds = read_hdf5(a.row[0])
         r = one_epoch(ds, sensitivity=a.row[1], method=a.method, batch_size=int(a.row[2]),
-                      full_record=a.full_record, trace=a.trace)
+                      full_record=a.full_record, trace=a.trace, dtype=a.dtypes[0])
         print(json.dumps(r))
         return 0
     print(f"# bench_regional {time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, "
@@ -160,15 +165,17 @@ def main(argv=None) -> int:
     h5 = os.path.join(tmpdir.name, "synthetic.h5")
     write_hdf5(syn.dataset, h5)
     del syn
-    print("\n| basins | years | sensitivity | method | basins/batch | epoch s | basin-days/s | peak RSS MB |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|")
+    print("\n| basins | years | sensitivity | method | dtype | basins/batch | epoch s | basin-days/s | peak RSS MB |")
+    print("|---:|---:|---|---|---|---:|---:|---:|---:|")
     for s in a.sensitivities:
-        r = _row_in_subprocess(h5, a, s, a.batch)
-        if "error" in r:
-            print(f"| {a.basins} | {a.years} | {s} | {a.method} | {a.batch} | failed: {r['error']} | | |", flush=True)
-            continue
-        print(f"| {r['basins']} | {r['years']} | {s} | {a.method} | {r['batch']} | {r['epoch_s']:.1f} | "
-              f"{r['basin_days_per_s']:,.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
+        for dt in a.dtypes:
+            r = _row_in_subprocess(h5, a, s, a.batch, dt)
+            if "error" in r:
+                print(f"| {a.basins} | {a.years} | {s} | {a.method} | {dt} | {a.batch} | failed: {r['error']} | | |",
+                      flush=True)
+                continue
+            print(f"| {r['basins']} | {r['years']} | {s} | {a.method} | {dt} | {r['batch']} | {r['epoch_s']:.1f} | "
+                  f"{r['basin_days_per_s']:,.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
     if a.batch_sizes:
         print("\n| basins/batch | epoch s | basin-days/s | peak RSS MB | sensitivity |")
         print("|---:|---:|---:|---:|---|")

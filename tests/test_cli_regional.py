@@ -136,13 +136,38 @@ def test_regional_config_errors_name_the_key(tmp_path, h5, regional, model, extr
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("line, key", [('dtype = "float32"', "solver.dtype: 'float32': a regional run"),
-                                       ('device = "cuda"', "solver.device: 'cuda': a regional run")])
-def test_regional_runs_are_float64_on_the_cpu(tmp_path, h5, line, key):
-    text = _config(h5).replace('method = "euler"', f'method = "euler"\n{line}')
+def test_regional_runs_are_on_the_cpu(tmp_path, h5):
+    text = _config(h5).replace('method = "euler"', 'method = "euler"\ndevice = "cuda"')
     with pytest.raises(ConfigError) as e:
         parse_config(text, path=tmp_path / "c.toml")
-    assert key in str(e.value)
+    assert "solver.device: 'cuda': a regional run" in str(e.value)
+
+
+@pytest.mark.parametrize("model", ['name = "exphydro"', 'name = "exphydro_m50"\nhidden = [4]'])
+def test_regional_single_precision_agrees_with_double(tmp_path, h5, model, capsys):
+    """solver.dtype = "float32" in a regional run: the solves (and a hybrid's networks) in
+    float32, the parameter network float64; metrics as the float64 run's to rounding."""
+    import torch
+
+    runs = {}
+    for name, line in (("f64", ""), ("f32", '\ndtype = "float32"')):
+        text = _config(h5, model=model).replace('method = "euler"', 'method = "euler"' + line)
+        (tmp_path / name).mkdir()
+        cfg = _write(tmp_path / name, text)
+        assert main(["train", str(cfg), "-q", "-o", str(tmp_path / name / "runs")]) == 0
+        (runs[name],) = list((tmp_path / name / "runs").iterdir())
+    m64, m32 = (json.loads((runs[k] / "metrics.json").read_text()) for k in ("f64", "f32"))
+    for b, per in m64.items():
+        for period, vals in per.items():
+            assert m32[b][period]["nse"] == pytest.approx(vals["nse"], abs=1e-3), (b, period)
+    assert m32 != m64  # it did run in single precision
+    state = torch.load(runs["f32"] / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.float64 for v in state["network"].values() if v.is_floating_point())
+    nets = [v for k, v in state["model"].items() if ".net." in k]
+    assert all(v.dtype == torch.float32 for v in nets) and (len(nets) > 0) == ("m50" in model)
+    (runs["f32"] / "metrics.json").unlink()
+    assert main(["evaluate", str(runs["f32"]), "-q"]) == 0
+    assert json.loads((runs["f32"] / "metrics.json").read_text()) == m32
 
 
 def test_regional_device_option_is_refused(tmp_path, h5, capsys):
