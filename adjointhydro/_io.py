@@ -1,4 +1,4 @@
-"""Atomic file writes (private): one implementation for the whole package.
+"""Atomic file writes and JSON-ready values (private): one implementation for the whole package.
 
 A file is written to a temporary file in the target's folder (a hidden
 ``.<name>.<random>.tmp``), flushed to disk (fsync), then renamed onto the target
@@ -14,11 +14,41 @@ may import this module; runs and cli may import anything.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_torch_save", "jsonable"]
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with every value JSON can hold: mappings (string keys), lists, numbers (NaN and
+    infinity as None, so that ``json.dumps(..., allow_nan=False)`` writes standard JSON),
+    booleans, strings and None; arrays and tensors as lists; anything else as its string."""
+    import math
+    from collections.abc import Mapping
+
+    import numpy as np
+
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        return jsonable(x.detach().cpu().tolist())
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer, int)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if x is None or isinstance(x, str):
+        return x
+    return str(x)
 
 
 def _fsync_folder(folder: str) -> None:

@@ -57,8 +57,10 @@ from .forcing import Forcing
 from .metrics import calculate_metrics
 from .model import Model
 from .models import exphydro
+from .training import _as_mask as _time_mask
 from .training import _atomic_save  # one atomic checkpoint writer for the package
 from ._io import atomic_path, atomic_write_text
+from ._io import jsonable as _json_safe
 from .solve import solve
 
 __all__ = [
@@ -554,15 +556,8 @@ def _forcing_summaries(network: AttributeParameters, data: BasinDataset | Forcin
 
 
 def _as_mask(mask: Any, T: int, what: str) -> np.ndarray:
-    if mask is None:
-        return np.ones(T, dtype=bool)
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    m = np.asarray(mask)
-    if m.dtype != bool:
-        raise ValueError(f"{what} must be a boolean array [time], got dtype {m.dtype}")
-    if m.shape != (T,):
-        raise ValueError(f"{what} must have shape ({T},) like the forcing, got {m.shape}")
+    """:func:`training._as_mask` (bool ``[time]``, None = all), and not empty."""
+    m = _time_mask(mask, T, what)
     if not m.any():
         raise ValueError(f"{what} selects no time step")
     return m
@@ -685,18 +680,6 @@ def _atomic_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON (NaN as null), written atomically."""
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=1))
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
 
 
 # ------------------------------------------------------------------- results

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import time as _time
 import warnings
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_path, atomic_torch_save, atomic_write_text
+from ._io import jsonable as _jsonable
 from .config import PERIODS, Config, build_physics_model, forcing_names, observed_name, parse_config
 
 __all__ = [
@@ -85,27 +85,6 @@ class RunInterrupted(Exception):
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.detach().cpu().tolist())
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    if isinstance(x, (np.datetime64, Path)):
-        return str(x)
-    return x
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -95,6 +95,7 @@ from scipy.optimize import least_squares
 from torch import nn
 
 from ._io import atomic_path
+from ._io import jsonable as _jsonable
 from .fluxes import Flux, NeuralFluxGroup, Vars
 from .forcing import Forcing
 from .model import Model, ModelError
@@ -2557,24 +2558,6 @@ def _check_text(c: Mapping[str, Any] | None) -> str:
     ok = c.get("ok")
     extra = ", ".join(f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in c.items() if k != "ok")
     return f"{'ok' if ok else ('?' if ok is None else 'FAIL')} ({extra})"
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if isinstance(x, (np.integer, int)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
