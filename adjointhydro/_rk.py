@@ -95,6 +95,9 @@ def _coefficients(tab: Tableau, dtype: torch.dtype, device: torch.device) -> dic
     return _COEF_CACHE[key]
 
 
+WORK_LIMIT = "work limit"  # StepFailure.reason when max_work is exceeded
+
+
 class StepFailure(RuntimeError):
     """A row could not be advanced (non-finite state or step-size underflow)."""
 
@@ -116,6 +119,7 @@ def integrate_period(
     atol: float,
     fixed_step: float | None,
     max_steps: int,
+    max_work: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Integrate every row over one period of length ``span``.
 
@@ -130,6 +134,10 @@ def integrate_period(
             chooses it (:func:`_initial_step`).
         fixed_step: step length for fixed-step methods (the last step of a period is
             shortened to end on its boundary).
+        max_steps: steps one row may take in the period (:class:`StepFailure` beyond).
+        max_work: row-steps all rows together may take (None: no limit); beyond it
+            :class:`StepFailure` with reason ``"work limit"``. It bounds the memory of a
+            replay under autograd, which keeps every step.
 
     Rows that have finished the period drop out of the work: once fewer than half the
     rows are still stepping, only those are evaluated (a storm day in one basin, or
@@ -170,12 +178,17 @@ def integrate_period(
     n_stages = len(tab.c)
     # working copies of the active rows
     ys, qs, ss, hs, ks0 = y, q, s, h_prop, k_first
+    work = 0
     while True:
         remaining = span - ss
         active = remaining > span * 1e-12
         n_active = int(active.sum())
         if n_active == 0:
             break
+        work += n_active
+        if max_work is not None and work > max_work:
+            r = int(active.nonzero()[0])
+            raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), WORK_LIMIT)
         n_iter += 1
         if n_iter > max_steps:
             r = int(active.nonzero()[0])

@@ -298,10 +298,10 @@ def _calibrate_m0(cfg: Config, physics, forcing, observed, train_mask, progress:
         runs = sum(r.n_model_runs for r in results)
     else:
         sens = _sensitivity(cfg)
-        if sens == "checkpoint" and cfg.solver.parallel_forward:
+        if sens == "checkpoint" and cfg.solver.parallel_forward is False:
             from .solve import CheckpointedAdjoint
 
-            sens = CheckpointedAdjoint(parallel_forward=None)  # parallel-in-time for small batches
+            sens = CheckpointedAdjoint(parallel_forward=False)  # period by period, as configured
         r = calibrate(physics, forcing, observed, optimizer=c.optimizer, n_starts=c.n_starts,
                       iterations=c.iterations, lr=c.lr, sensitivity=sens, progress=progress, **kw)
         params, loss, history, runs = r.parameters, r.loss, r.history, r.n_model_runs

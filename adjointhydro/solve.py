@@ -60,6 +60,11 @@ NATIVE_METHODS = tuple(_rk.TABLEAUS)
 # arithmetic dominates large ones (see docs/benchmarks.md).
 _PARALLEL_MAX_BASINS = 16
 _CPU_MAX_ROWS = 4096
+# A Newton replay keeps every step of every row for its Jacobians. Beyond this many steps
+# a row on average (about 1.2 on ordinary days), the window is solved period by period
+# instead: a stiff corner of the parameters (or a poor Newton guess) cannot make the
+# replay's memory grow with the steps.
+_NEWTON_STEPS_PER_ROW = 24
 _GPU_MAX_ROWS = 1 << 20
 
 
@@ -237,6 +242,7 @@ class _Problem:
         self.batched_grads = True
         self._rates_no_grad = None
         self.n_sequential_windows = 0  # windows of the parallel forward solved period by period
+        self.n_work_limited = 0  # of which because their Newton replay needed too many steps
 
     def rates(self):
         """The model's prepared rate function (:meth:`Model._rate_function`).
@@ -251,7 +257,7 @@ class _Problem:
             self._rates_no_grad = self.model._rate_function()
         return self._rates_no_grad
 
-    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring):
+    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None):
         """Integrate rows over their periods.
 
         ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
@@ -305,7 +311,8 @@ class _Problem:
             return rate
 
         y1, q, dt, dt_start, it, ne = _rk.integrate_period(
-            flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step, self.max_steps
+            flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step, self.max_steps,
+            max_work,
         )
         self.n_evals += ne
         self.n_iterations += it
@@ -343,7 +350,8 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
     return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(dts, 1)
 
 
-def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False):
+def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False,
+                     max_work=None):
     """Period maps of many rows and their exact Jacobians, from one replay and one batched reverse pass.
 
     Returns ``(y1, q, dt_start, J, v, dt_next)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
@@ -361,7 +369,7 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
         y_in = y_rows.detach().requires_grad_(True)
         if not keep_graph:
             fvals, params = fvals.detach(), params.detach()
-        y1, q1, dt_next, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring)
+        y1, q1, dt_next, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring, max_work)
         eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
         cy = eye[:, None, :].expand(n, R, n)
         cq = torch.zeros((n,) + q1.shape, dtype=q1.dtype, device=q1.device)
@@ -456,11 +464,13 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             yg = g.reshape(R, n)
             try:
                 y1, q1, dt_start, J, _, dt_next = _period_jacobian(
-                    prob, yg, fvals, params, b_idx, k_idx, dt_prop, wiring
+                    prob, yg, fvals, params, b_idx, k_idx, dt_prop, wiring, max_work=_NEWTON_STEPS_PER_ROW * R
                 )
-            except _rk.StepFailure:
+            except _rk.StepFailure as e:
                 # a Newton guess the solver cannot integrate (e.g. far outside the
-                # physical states in a stiff corner of the parameters), or a real failure
+                # physical states in a stiff corner of the parameters), one that needs
+                # too many steps to replay with a graph, or a real failure
+                prob.n_work_limited += e.reason == _rk.WORK_LIMIT
                 failed = True
                 break
             M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
@@ -974,5 +984,6 @@ def solve(
             "parallel_forward": getattr(prob, "parallel", False),
             "newton_iterations": getattr(prob, "n_newton", 0),
             "sequential_windows": prob.n_sequential_windows,
+            "work_limited_windows": prob.n_work_limited,
         },
     )

@@ -146,6 +146,28 @@ def test_parallel_forward_falls_back_period_by_period_for_one_window_only(monkey
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
 
 
+def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
+    """A Newton replay keeps every step for its Jacobians; one that would take more steps
+    than the limit (here 1 a row, below the ~1.2 of ordinary days) stops, and its window is
+    solved period by period: the result is the sequential solve's."""
+    import sys
+    solve_mod = sys.modules["adjointhydro.solve"]
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(2, 60, seed=3)
+    sens = dict(max_rows=80, warm_start=False)  # 20 periods a window: 3 windows
+    ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, **sens))
+    ok = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
+    assert ok.stats["work_limited_windows"] == 0 and ok.stats["sequential_windows"] == 0
+    monkeypatch.setattr(solve_mod, "_NEWTON_STEPS_PER_ROW", 1)
+    sol = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
+    assert sol.stats["work_limited_windows"] == sol.stats["sequential_windows"] == 3
+    torch.testing.assert_close(sol.discharge, ref.discharge, rtol=1e-12, atol=1e-12)
+    w = model.flux("Q").net[0].weight
+    (g,) = torch.autograd.grad(sol.discharge.sum(), [w])
+    (g_ref,) = torch.autograd.grad(ref.discharge.sum(), [w])
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ mass balance
 @pytest.mark.parametrize("factory", [exphydro, lambda: exphydro_m50(), reservoir_cascade])
 def test_mass_balance_ten_years(factory):
