@@ -159,7 +159,7 @@ def _print_regional(run_dir, t0: float | None = None) -> None:
 def _regional_on_cpu(args) -> None:
     from .config import ConfigError
 
-    if getattr(args, "device", None) not in (None, "cpu"):
+    if getattr(args, "device", None) not in (None, "cpu", "auto"):  # auto: the CPU is what there is
         raise ConfigError(f"--device {args.device}: a regional run ([regional]) runs on the CPU in this version")
 
 

@@ -887,7 +887,7 @@ def _check_regional(cfg: Config) -> None:
     from .regional import REGIONAL_LOSSES
 
     g, m, d = cfg.regional, cfg.model, cfg.data
-    if cfg.solver.device != "cpu":
+    if cfg.solver.device not in ("cpu", "auto"):
         raise cfg.error("solver.device", f"{cfg.solver.device!r}: a regional run ([regional]) runs on the CPU in "
                                          f"this version; remove solver.device (it applies to runs without [regional])")
     if g.attributes is None:
