@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output-dir", help="folder for the run folder (default: run.output_dir)")
     s.add_argument("--output", help="write only this results .h5 file (no run folder)")
 
-    i = sub.add_parser("inspect", parents=[common], help="symbolic inspection of the learned fluxes")
+    i = sub.add_parser("inspect", parents=[common, placed], help="symbolic inspection of the learned fluxes")
     i.add_argument("run", help="the run folder")
     i.add_argument("--recalibrate", action="store_true",
                    help="also refit the chosen expressions' constants through the ODE (L-BFGS on the "
@@ -281,6 +281,8 @@ def _cmd_inspect(args, log) -> int:
     if lr.hybrid is None:
         raise RunError(f"{args.run}: a physics-only run ({lr.physics.name}) has no networks to inspect")
     cfg = lr.config
+    if args.device is not None:
+        cfg.solver.device = cfg.checked_device(args.device, "--device")
     params = lr.hybrid.physical_parameters().detach()
     # the search sees only the record the hybrid was trained on (warm-up to the end of
     # training/validation); the chosen expressions are then re-simulated over every period

@@ -425,7 +425,13 @@ def test_single_precision_run_agrees_with_double(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error where no GPU is visible")
-def test_cuda_device_without_gpu_is_one_clear_line(tmp_path, capsys):
+def test_cuda_device_without_gpu_is_one_clear_line(tiny_run, tmp_path, capsys):
+    _, run, _, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for command in ("evaluate", "inspect", "resume"):
+        assert main([command, str(copy), "-q", "--device", "cuda"]) == 2, command
+        assert "no CUDA GPU" in one_error_line(capsys), command
     cfg = write(tmp_path, TINY + '\n[solver]\ndevice = "cuda"\n')
     assert main(["train", str(cfg), "-q"]) == 2
     line = one_error_line(capsys)
