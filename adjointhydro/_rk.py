@@ -130,8 +130,8 @@ def integrate_period(
             makes every elementwise operation of the fluxes contiguous).
         wiring: ``[m, n]`` matrix, store rates are ``rates @ wiring``.
         y0: stores at the period start ``[rows, n]``.
-        dt0: proposed first step per row ``[rows]`` (adaptive methods); ``None``
-            chooses it (:func:`_initial_step`).
+        dt0: proposed first step per row ``[rows]`` (adaptive methods); ``None``, or NaN
+            for a row, chooses it (:func:`_initial_step`).
         fixed_step: step length for fixed-step methods (the last step of a period is
             shortened to end on its boundary).
         max_steps: steps one row may take in the period (:class:`StepFailure` beyond).
@@ -163,10 +163,11 @@ def integrate_period(
     k_first = f_all(y, s) if tab.fsal else None
     n_evals = 1 if tab.fsal else 0
     if adaptive:
-        if dt0 is None:
+        if dt0 is None or bool(torch.isnan(dt0).any()):
             with torch.no_grad():
                 k0 = k_first if k_first is not None else f_all(y, s)
-                dt0 = _initial_step(f_all, wt, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
+                h0 = _initial_step(f_all, wt, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
+            dt0 = h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
             n_evals += 1 if k_first is not None else 2
         h_prop = dt0.to(dtype).clamp(max=span)
     else:

@@ -29,6 +29,7 @@ torchdiffeq 0.2.5, which ignores every jump after one that a step lands on).
 """
 from __future__ import annotations
 
+import copy
 import time as _time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -66,6 +67,12 @@ _CPU_MAX_ROWS = 4096
 # replay's memory grow with the steps.
 _NEWTON_STEPS_PER_ROW = 24
 _GPU_MAX_ROWS = 1 << 20
+# The parallel forward's first guess comes from Newton on a cheap map: this method, one
+# step per period. From a constant guess, Newton on the dopri5 maps spends most of its
+# iterations (12 for 4 years of one basin) moving the snow store across its thresholds;
+# the cheap map does that part at about a quarter of the cost per iteration, and the
+# dopri5 iterations then start a discretisation error away (3 to 5 of them).
+_COARSE_METHOD = "midpoint"
 
 
 class SolverError(RuntimeError):
@@ -242,6 +249,8 @@ class _Problem:
         self.batched_grads = True
         self._rates_no_grad = None
         self.n_sequential_windows = 0  # windows of the parallel forward solved period by period
+        self.n_newton = 0  # Newton iterations of the parallel forward (dopri5 maps)
+        self.n_coarse = 0  # of which on the coarse maps (:func:`_coarse_guess`)
         self.n_work_limited = 0  # of which because their Newton replay needed too many steps
 
     def rates(self):
@@ -328,8 +337,10 @@ class _Problem:
         )
 
 
-def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, k1: int | None = None):
+def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, k1: int | None = None, dt0=None):
     """Period by period for all basins, periods ``k0..k1-1`` (default all) from stores ``y0``.
+
+    ``dt0`` ``[B]``: the first period's proposed steps (``None``: chosen by the solver).
 
     Returns stores ``[B,c+1,n]``, totals ``[B,c,m]`` and first steps ``[B,c]`` for the ``c`` periods.
     """
@@ -337,7 +348,7 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
     ys = [y0]
     qs = []
     dts = []
-    dt = None  # first period: initial step selection
+    dt = dt0  # None: initial step selection
     y = y0
     for k in range(k0, T):
         try:
@@ -347,6 +358,7 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
             raise prob.fail(e, e.row, k) from None
         ys.append(y)
         qs.append(q)
+    prob.last_dt_next = dt  # the next period's proposed steps (a parallel window after this one)
     return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(dts, 1)
 
 
@@ -419,6 +431,58 @@ def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Te
     return (A @ y0[None, ..., None])[..., 0] + b
 
 
+def _newton_update(M: torch.Tensor, y1: torch.Tensor, g: torch.Tensor, y_start: torch.Tensor) -> torch.Tensor:
+    """Next Newton guess of the period starts: the linearised recurrence solved by a parallel scan.
+
+    ``M`` ``[c, B, n, n]`` are the period maps' Jacobians at the guess ``g`` ``[c, B, n]``,
+    ``y1`` ``[c, B, n]`` the maps' values there; the first period starts at ``y_start``.
+    """
+    bvec = y1 - (M @ g[..., None])[..., 0]
+    y_next = _affine_scan(M, bvec, y_start)
+    return torch.cat([y_start[None], y_next[:-1]])
+
+
+def _coarse_problem(prob: _Problem) -> _Problem:
+    """``prob`` with one step of :data:`_COARSE_METHOD` per period (the cheap maps of :func:`_coarse_guess`)."""
+    coarse = copy.copy(prob)
+    coarse.tab = _rk.TABLEAUS[_COARSE_METHOD]
+    coarse.fixed_step = None  # no error estimate: one step of the whole period
+    coarse.n_evals = coarse.n_iterations = 0
+    return coarse
+
+
+def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, b_idx, k_idx, wiring, max_newton: int):
+    """Newton on the coarse period maps from the guess ``g`` ``[c, B, n]``; the converged trajectory.
+
+    Each basin stops iterating once its own periods have converged, so that its guess, and
+    with it the steps the dopri5 iterations choose, is the same as when the basin is solved
+    alone (a batch equals its basins solved one by one). A basin whose coarse maps give
+    non-finite states or do not converge within ``max_newton`` iterations (a store too stiff
+    for one explicit step per period) keeps its part of ``g``; so do all basins if the
+    coarse maps cannot be integrated at all.
+    """
+    c, B, n = g.shape
+    R = c * B
+    x = g
+    done = torch.zeros(B, dtype=torch.bool, device=g.device)
+    for _ in range(max_newton):
+        try:
+            y1, _, _, J, _, _ = _period_jacobian(coarse, x.reshape(R, n), fvals, params, b_idx, k_idx, None, wiring)
+        except _rk.StepFailure:
+            return g
+        coarse.n_coarse += 1
+        new = _newton_update(J.view(c, B, n, n), y1.view(c, B, n), x, y_start)
+        bad = ~torch.isfinite(new).all(dim=2).all(dim=0)  # [B]
+        # no tighter than the solver's tolerance: the coarse maps are only that close anyway
+        moved = ((new - x).abs() > coarse.atol + coarse.rtol * new.abs()).any(dim=2).any(dim=0)
+        x = torch.where((done | bad)[None, :, None], x, new)
+        x = torch.where(bad[None, :, None], g, x)
+        done = done | bad | ~moved
+        if bool(done.all()):
+            return x
+    return torch.where(done[None, :, None], x, g)
+
+
 def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, max_newton: int, guess=None,
                      guess_dt=None):
     """Parallel-in-time forward solve: Newton on the period maps, all periods of a window as rows.
@@ -427,7 +491,10 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     evaluated for all periods of a window at once; the linearised recurrence is
     solved with a parallel affine scan. After i iterations the first i periods are
     exact, so the method cannot do worse than the sequential solve in iterations;
-    in practice a few iterations reach the solver's tolerance. Windows of at most
+    in practice a few iterations reach the solver's tolerance. Without a warm start the
+    first guess comes from the same iteration on cheap maps (:func:`_coarse_guess`), and
+    each basin stops iterating once converged. The result is one more replay at the last
+    update, with the steps the backward pass will replay. Windows of at most
     ``max_rows`` rows run one after another, so memory does not grow with the record;
     a window that has not converged after ``max_newton`` iterations keeps its converged
     prefix and the next window starts there. A window whose Newton iterations fail
@@ -442,6 +509,8 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     y_start = y0
     iters = 0
     k0 = 0
+    coarse = _coarse_problem(prob) if guess is None else None
+    dt_in = None  # the first period's proposed steps: the previous window's last proposal
     carry = None  # unconverged tail of the previous window: a better guess than y_start
     while k0 < T:
         k1 = min(T, k0 + C)
@@ -456,9 +525,20 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         if carry is not None:
             g[: min(c, carry.shape[0])] = carry[:c]
         g[0] = y_start
+        if coarse is not None:
+            g = _coarse_guess(coarse, g, y_start, fvals, params, b_idx, k_idx, wiring, max_newton)
         accepted = 0
-        dt_prop = None if guess_dt is None else guess_dt[:, k0:k1].transpose(0, 1).reshape(R)
+        first = guess_dt is None
+        if first:
+            # a whole period as the first proposal (the steps of ordinary days); the window's
+            # first period continues from the previous window (NaN: the solver chooses)
+            dt_prop = torch.full((c, B), prob.span, dtype=y0.dtype, device=y0.device)
+            dt_prop[0] = float("nan") if dt_in is None else dt_in
+            dt_prop = dt_prop.reshape(R)
+        else:
+            dt_prop = guess_dt[:, k0:k1].transpose(0, 1).reshape(R)
         failed = False
+        iterating = torch.ones(B, dtype=torch.bool, device=y0.device)  # basins not yet converged
         for _ in range(max_newton):
             iters += 1
             yg = g.reshape(R, n)
@@ -476,52 +556,75 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
             q = q1.view(c, B, m)
             dts = dt_start.view(c, B)
-            if dt_prop is None:
+            if first:
                 # later iterations: each period starts with the step its predecessor proposed
-                # in the first one, as in the sequential solve (no initial-step search, fewer
-                # rejected first steps). Fixed from then on, so that the period maps do not
-                # change between iterations and the result does not depend on how many
-                # iterations the batch needed (a batch equals its basins solved one by one)
+                # in the first one, as in the sequential solve (fewer rejected first steps).
+                # Fixed from then on, so that the period maps do not change between
+                # iterations and the result does not depend on how many iterations the
+                # batch needed (a batch equals its basins solved one by one)
                 dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
-            bvec = y1.view(c, B, n) - (M @ g[..., None])[..., 0]
-            y_next = _affine_scan(M, bvec, y_start)
-            new = torch.cat([y_start[None], y_next[:-1]])
+                first = False
+            new = _newton_update(M, y1.view(c, B, n), g, y_start)
             if not torch.isfinite(new).all():
                 failed = True
                 break
             # a period is converged when the update of its start is well below the solver
             # tolerance (below that the maps move with the step-size decisions)
             scale = 0.05 * (prob.atol + prob.rtol * new.abs()) + 1e-11 * (1.0 + new.abs())
-            moved = ((new - g).abs() / scale).flatten(1).amax(dim=1) > 1.0  # [c]
-            g = new
+            moved_cb = (((new - g).abs() / scale).amax(dim=2) > 1.0) & iterating  # [c, B]
+            # a basin takes its last update and then stops: its result does not depend on
+            # the other basins of the batch (nor on how many iterations they needed)
+            g = torch.where(iterating[None, :, None], new, g)
+            iterating = iterating & moved_cb.any(dim=0)
+            moved = moved_cb.any(dim=1)  # [c]
             if not bool(moved.any()):
                 accepted = c
                 break
             # after i iterations the first i periods are exact: note the converged prefix
             accepted = int(moved.float().argmax())
+        if not failed and accepted > 0:
+            # the result comes from one more replay (no graph), at the last update: the
+            # replays above were at the guesses before it, which are up to the convergence
+            # threshold (5% of the tolerance) away from the solution. Their error, small as
+            # it is, follows the starting guess as the parameters change, so the loss's
+            # slope would not be the gradient's (25% apart seen in a calibration); after the
+            # update the error is quadratically small.
+            Ra = accepted * B
+            try:
+                y1, q1, dt_next, dt_start = prob.period(g[:accepted].reshape(Ra, n), fvals, params, b_idx[:Ra],
+                                                        k_idx[:Ra], dt_prop[:Ra], wiring)
+                q, dts = q1.view(accepted, B, m), dt_start.view(accepted, B)
+                dt_next = dt_next.view(accepted, B)
+            except _rk.StepFailure:
+                failed = True
         if failed or accepted == 0:
             # this window period by period (which reports a real failure with its basin
             # and date); later windows go on in parallel. Falling back for the whole
             # record instead made one stiff calibration trial of 31 years cost 52 s.
-            Yw, Qw, DTw = _forward_sequential(prob, y_start, fvals, params, wiring, k0, k1)
+            Yw, Qw, DTw = _forward_sequential(prob, y_start, fvals, params, wiring, k0, k1, dt_in)
             prob.n_sequential_windows += 1
             Ys.append(Yw[:, 1:].transpose(0, 1))
             Qs.append(Qw.transpose(0, 1))
             DTs.append(DTw.transpose(0, 1))
             y_start = Ys[-1][-1]
             carry = None
+            dt_in = prob.last_dt_next
             k0 = k1
             continue
         # keep the converged prefix; stores accumulated from the flux totals so that
         # mass balance holds exactly, not only to the Newton residual
-        q, dts = q[:accepted], dts[:accepted]
         Ys.append(y_start[None] + torch.cumsum(q @ wiring, dim=0))
         Qs.append(q)
         DTs.append(dts)
         y_start = Ys[-1][-1]
         carry = g[accepted:] if accepted < c else None
+        dt_in = dt_next[accepted - 1]
         k0 += accepted
     prob.n_newton = iters
+    if coarse is not None:
+        prob.n_coarse = coarse.n_coarse
+        prob.n_evals += coarse.n_evals
+        prob.n_iterations += coarse.n_iterations
     Y = torch.cat([y0[None]] + Ys).transpose(0, 1)
     return Y, torch.cat(Qs).transpose(0, 1), torch.cat(DTs).transpose(0, 1)
 
@@ -982,7 +1085,8 @@ def solve(
             "method": method,
             "sensitivity": type(sens).__name__,
             "parallel_forward": getattr(prob, "parallel", False),
-            "newton_iterations": getattr(prob, "n_newton", 0),
+            "newton_iterations": prob.n_newton,
+            "coarse_newton_iterations": prob.n_coarse,
             "sequential_windows": prob.n_sequential_windows,
             "work_limited_windows": prob.n_work_limited,
         },

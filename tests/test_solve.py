@@ -146,10 +146,48 @@ def test_parallel_forward_falls_back_period_by_period_for_one_window_only(monkey
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
 
 
+def test_parallel_forward_returns_its_own_period_maps(monkeypatch):
+    """The backward pass replays each period from the forward's stores with the forward's
+    first steps, so the parallel forward must return those maps' results, not a Newton
+    iterate that is up to its convergence threshold (5% of the tolerance) away: that error
+    follows the starting guess as the parameters change, and the loss's slope then is not
+    the gradient (25% apart in one calibration). Leaf River, where the coarse first guess
+    is often accepted by the first dopri5 iteration (residual 3e-3 mm without the final
+    replay, 2e-6 mm with it)."""
+    import sys
+    from adjointhydro.data import load_leaf_river
+    solve_mod = sys.modules["adjointhydro.solve"]
+    forcing = load_leaf_river().to_forcing(["P", "PET"]).select(steps=slice(0, 120))
+    model = exphydro(snow=False)
+    seen = {}
+    real = solve_mod._CheckpointedSolve.forward
+
+    def capture(ctx, prob, sens, Y, Q, DT, y0, params, fvals, *w):
+        seen.update(prob=prob, Y=Y, Q=Q, DT=DT, params=params, fvals=fvals)
+        return real(ctx, prob, sens, Y, Q, DT, y0, params, fvals, *w)
+
+    monkeypatch.setattr(solve_mod._CheckpointedSolve, "forward", staticmethod(capture))
+    for f, smax, qmax in [(0.0955, 790.1, 1.510), (0.0351, 356.8, 3.613)]:
+        params = torch.tensor([[f, smax, qmax]], dtype=torch.float64)
+        sol = solve(model, forcing, parameters=params,
+                    sensitivity=CheckpointedAdjoint(parallel_forward=True, warm_start=False))
+        assert sol.stats["parallel_forward"] and sol.stats["coarse_newton_iterations"] > 0
+        prob, Y, Q, DT = seen["prob"], seen["Y"], seen["Q"], seen["DT"]
+        B, T1, n = Y.shape
+        T = T1 - 1
+        rows = Y[:, :-1].transpose(0, 1).reshape(T * B, n)
+        with torch.no_grad():
+            y1, q, _, _ = prob.period(rows, seen["fvals"], seen["params"], torch.arange(B).repeat(T),
+                                      torch.arange(T).repeat_interleave(B), DT.transpose(0, 1).reshape(-1),
+                                      model.wiring_matrix)
+        assert float((y1.view(T, B, n).transpose(0, 1) - Y[:, 1:]).abs().max()) < 1e-4  # mm
+        assert float((q.view(T, B, -1).transpose(0, 1) - Q).abs().max()) < 1e-4
+
+
 def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
     """A Newton replay keeps every step for its Jacobians; one that would take more steps
-    than the limit (here 1 a row, below the ~1.2 of ordinary days) stops, and its window is
-    solved period by period: the result is the sequential solve's."""
+    than the limit (here 0.9 a row, below the one step a row that any replay needs) stops,
+    and its window is solved period by period: the result is the sequential solve's."""
     import sys
     solve_mod = sys.modules["adjointhydro.solve"]
     model = exphydro_m50(hidden=(8, 8))
@@ -158,7 +196,7 @@ def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
     ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, **sens))
     ok = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
     assert ok.stats["work_limited_windows"] == 0 and ok.stats["sequential_windows"] == 0
-    monkeypatch.setattr(solve_mod, "_NEWTON_STEPS_PER_ROW", 1)
+    monkeypatch.setattr(solve_mod, "_NEWTON_STEPS_PER_ROW", 0.9)
     sol = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
     assert sol.stats["work_limited_windows"] == sol.stats["sequential_windows"] == 3
     torch.testing.assert_close(sol.discharge, ref.discharge, rtol=1e-12, atol=1e-12)
