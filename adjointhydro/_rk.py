@@ -160,6 +160,7 @@ def integrate_period(
     min_h = span * 1e-10
     coef = _coefficients(tab, dtype, device)
     f_all = flux(None)
+    timed = getattr(f_all, "uses_time", True)  # False: rates constant in time within the period
     k_first = f_all(y, s) if tab.fsal else None
     n_evals = 1 if tab.fsal else 0
     if adaptive:
@@ -186,6 +187,7 @@ def integrate_period(
         n_active = int(active.sum())
         if n_active == 0:
             break
+        all_active = n_active == active.shape[0]
         work += n_active
         if max_work is not None and work > max_work:
             r = int(active.nonzero()[0])
@@ -204,12 +206,14 @@ def integrate_period(
             ks0 = k_first[:, idx] if k_first is not None else None
             remaining = span - ss
             active = torch.ones_like(ss, dtype=torch.bool)
+            all_active = True
         if not tab.fsal:
             ks0 = f_sub(ys, ss)
             n_evals += 1
         last = hs >= remaining
         h = torch.where(last, remaining, hs)
-        h = torch.where(active, h, torch.zeros_like(h))
+        if not all_active:
+            h = torch.where(active, h, 0.0)
         ks = [ks0]
         for i in range(1, n_stages):
             # stage combination in flux space, y + wt @ (h * sum_j a_ij k_j), as fused
@@ -218,13 +222,13 @@ def integrate_period(
             for a_ij, k_j in zip(tab.a[i], ks):
                 if a_ij != 0.0:
                     comb = k_j * a_ij if comb is None else torch.add(comb, k_j, alpha=a_ij)
-            ks.append(f_sub(torch.addmm(ys, wt, comb * h), ss + tab.c[i] * h))
+            ks.append(f_sub(torch.addmm(ys, wt, comb * h), ss + tab.c[i] * h if timed else ss))
         n_evals += n_stages - 1
         K = torch.stack(ks, dim=0).reshape(n_stages, -1)  # [stages, m * rows]
         dq = (coef["b"] @ K).view(m, -1) * h
         y_new = torch.addmm(ys, wt, dq)
         q_new = qs + dq
-        s_new = torch.where(last, torch.full_like(ss, span), ss + h)
+        s_new = torch.where(last, span, ss + h)
         if adaptive:
             eq = ((coef["e"] @ K).view(m, -1) * h).detach()
             ey = wt @ eq
@@ -233,18 +237,22 @@ def integrate_period(
             sq = atol + rtol * torch.maximum(qd.abs(), qnd.abs())
             ratio = torch.sqrt((torch.cat([ey / sy, eq / sq], dim=0) ** 2).mean(dim=0))
             finite = torch.isfinite(ynd).all(dim=0) & torch.isfinite(qnd).all(dim=0)
-            ratio = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
-            accept = active & ((ratio <= 1.0) | ((h <= min_h) & finite))
+            ratio = torch.where(finite, ratio, float("inf"))
+            accept = (ratio <= 1.0) | ((h <= min_h) & finite)
+            if not all_active:
+                accept = accept & active
             factor = torch.clamp(0.9 * ratio.clamp(min=1e-10) ** (-1.0 / (tab.order + 1)), 0.2, 10.0)
             h_next = (h * factor).clamp(max=span)
             # a truncated last step says little about larger steps: keep the old proposal
             keep = accept & last & (h_next < hs)
             h_next = torch.where(keep, hs, h_next)
-            hs = torch.where(active, h_next, hs)
-            fail = active & ~accept & (h * 0.2 < min_h)
+            hs = h_next if all_active else torch.where(active, h_next, hs)
+            fail = ~accept & (h * 0.2 < min_h)
         else:
             accept = active
-            fail = active & ~(torch.isfinite(y_new.detach()).all(dim=0))
+            fail = ~(torch.isfinite(y_new.detach()).all(dim=0))
+        if not all_active:
+            fail = fail & active
         if bool(fail.any()):
             r = int(fail.nonzero()[0])
             reason = "non-finite state" if not bool(torch.isfinite(y_new[:, r].detach()).all()) else "step size underflow"

@@ -337,16 +337,19 @@ class Model(nn.Module):
         v.update(params)
         return torch.stack(self._evaluate(v), dim=-1)
 
-    def _evaluate(self, v: Vars, bound: Sequence | None = None, stores: torch.Tensor | None = None
-                  ) -> list[torch.Tensor]:
+    def _evaluate(self, v: Vars, bound: Sequence | None = None, stores: torch.Tensor | None = None,
+                  folded: Sequence[bool] | None = None) -> list[torch.Tensor]:
         """Each flux's rate, in order; ``v`` holds stores, forcing and parameters and gains the fluxes.
 
         With ``bound`` (see :meth:`_rate_function`) the networks run from their bound plans
         (``bound[i]``, ``None`` for a module run as is) on ``stores`` ``[n, rows]``.
+        Fluxes marked in ``folded`` are already in ``v`` (evaluated once per period).
         """
         out = []
         for i, f in enumerate(self.flux_modules):
-            if self._columnar[i]:
+            if folded is not None and folded[i]:
+                out.append(v[f.name])
+            elif self._columnar[i]:
                 cols = f._columns(v, None if bound is None else bound[i], stores)
                 v.update(zip(f.names, cols))
                 out.extend(cols)
@@ -386,22 +389,53 @@ class _PreparedRates:
     and piecewise-constant forcing), ``[rows]`` each, and folds them into the networks'
     first layers once; the function it returns maps stores ``[n, rows]`` (and any
     variables that change within the period, ``extra``) to rates ``[m, rows]``.
+
+    Physics fluxes that read only such constants (EXP-HYDRO's snowfall and rainfall) are
+    evaluated once in ``bind`` instead of at every stage. Which ones they are is found by
+    trying each with the constants alone at the first ``bind``: a flux that reads a store
+    or a varying input fails there (and is evaluated at every stage from then on).
     """
 
     def __init__(self, model: Model, plans: list) -> None:
         self.model = model
         self.plans = plans
+        self._folded: list[bool] | None = None  # per flux: evaluated in bind (None: not yet tried)
 
     def bind(self, const: Vars) -> Callable[..., torch.Tensor]:
         model = self.model
         bound = [None if p is None else f._bind(p, const) for f, p in zip(model.flux_modules, self.plans)]
         names = model.store_names
+        const, folded = self._fold(const, bound)
 
         def rates(stores: torch.Tensor, extra: Vars | None = None) -> torch.Tensor:
             v = Vars(zip(names, stores.unbind(0)))
             v.update(const)
             if extra is not None:
                 v.update(extra)
-            return torch.stack(model._evaluate(v, bound, stores), dim=0)
+            return torch.stack(model._evaluate(v, bound, stores, folded), dim=0)
 
         return rates
+
+    def _fold(self, const: Vars, bound: list) -> tuple[Vars, tuple[bool, ...] | None]:
+        """``const`` with the values of the fluxes that depend on nothing else added, and which those are."""
+        model = self.model
+        if self._folded is None:
+            self._folded = [bound[i] is None and not model._columnar[i] and type(f) is Flux
+                            for i, f in enumerate(model.flux_modules)]
+        if not any(self._folded):
+            return const, None
+        const = Vars(const)
+        for i, f in enumerate(model.flux_modules):
+            if not self._folded[i]:
+                continue
+            try:
+                r = f.forward(const)
+            except Exception:
+                # reads a store, a varying input or a later flux (or fails for a reason of
+                # its own, which the evaluation at each stage then reports)
+                r = None
+            if isinstance(r, torch.Tensor):
+                const[f.name] = r
+            else:
+                self._folded[i] = False
+        return const, tuple(self._folded)

@@ -307,7 +307,12 @@ class _Problem:
                 # piecewise-constant forcing: constant over the period, like the parameters
                 const.update(zip(fnames, f_.unbind(0)))
                 bound = rates.bind(const)
-                return lambda y, s: bound(y)
+
+                def rate_const(y, s):
+                    return bound(y)
+
+                rate_const.uses_time = False  # (the solver skips the stage times)
+                return rate_const
             bound = rates.bind(const)
             a_, c_ = (fpT, fnT) if idx is None else (fpT[:, idx], fnT[:, idx])
 

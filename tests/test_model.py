@@ -109,6 +109,31 @@ def test_prepared_networks_equal_the_modules_in_value_and_gradient(activation):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_fluxes_of_constants_only_are_evaluated_once_a_period():
+    """Physics fluxes that read only parameters and piecewise-constant forcing (EXP-HYDRO's
+    snowfall and rainfall) are evaluated when a period is bound, not at every stage; a flux
+    that reads a store (here only on wet days) is evaluated at each call from then on."""
+    from adjointhydro.fluxes import Vars
+
+    def leak(v):  # reads the soil store only when some row has over 20 mm of rain
+        return 0.01 * v.soil if bool((v.P > 20.0).any()) else 0.0 * v.P
+
+    base = exphydro()
+    m = Model(base.stores, list(base.flux_modules) + [Flux("leak", "soil", None, leak)], base.forcing_names,
+              base.parameters_spec, base.discharge_fluxes)
+    pd = Vars(zip(m.parameter_names, m.physical_parameters().expand(3, -1).unbind(-1)))
+    y = torch.tensor([[10.0, 800.0], [0.0, 300.0], [50.0, 1200.0]], dtype=torch.float64)
+    prepared = m._rate_function()
+    for p in ([1.0, 0.0, 5.0], [1.0, 30.0, 5.0], [2.0, 3.0, 0.0]):  # dry, wet, dry periods
+        fd = Vars(P=torch.tensor(p, dtype=torch.float64), T=torch.tensor([-5.0, 2.0, 10.0], dtype=torch.float64),
+                  PET=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        fast = prepared.bind(Vars(**fd, **pd))(y.T.contiguous()).T
+        torch.testing.assert_close(fast, m.fluxes(y, fd, pd), rtol=1e-14, atol=1e-14)
+    assert m.flux_names == ("snowfall", "rainfall", "melt", "et", "Q", "leak")
+    # folded after the first (dry) period; the wet one showed that leak reads a store
+    assert prepared._folded == [True, True, False, False, False, False]
+
+
 def test_network_that_is_not_linear_and_activation_layers_runs_as_is():
     m = exphydro_m50(hidden=(8,))
     f = m.flux("Q")
