@@ -164,7 +164,14 @@ class Solution:
         store_names, flux_names, store_units, flux_units: labels (flux units are of
             the totals, e.g. ``"mm"``).
         dates: dates of the periods (or ``None``), basins: basin ids.
-        stats: solver statistics (flux evaluations, iterations, seconds).
+        stats: solver statistics of the forward pass: ``flux_evaluations`` (calls of the
+            right-hand side, each over a batch of rows), ``iterations``,
+            ``forward_seconds``, ``method``, ``sensitivity``; with the checkpointed adjoint
+            also ``parallel_forward`` (periods solved in parallel by Newton's method),
+            ``newton_iterations`` and ``coarse_newton_iterations`` (on the method's period
+            maps and on the cheap maps of the first guess), ``sequential_windows``
+            (windows solved period by period after Newton failed) and
+            ``work_limited_windows`` (of those, because a replay needed too many steps).
     """
 
     stores: torch.Tensor
