@@ -454,6 +454,12 @@ def _newton_update(M: torch.Tensor, y1: torch.Tensor, g: torch.Tensor, y_start: 
     return torch.cat([y_start[None], y_next[:-1]])
 
 
+def _window_rows(basins: torch.Tensor, k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basin and period of each row of a window, rows ordered [period, basin]."""
+    c = k1 - k0
+    return basins.repeat(c), torch.arange(k0, k1, device=basins.device).repeat_interleave(len(basins))
+
+
 def _coarse_problem(prob: _Problem) -> _Problem:
     """``prob`` with one step of :data:`_COARSE_METHOD` per period (the cheap maps of :func:`_coarse_guess`)."""
     coarse = copy.copy(prob)
@@ -474,23 +480,35 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, b_idx, k_idx, wir
     has not converged after ``2 * max_newton`` iterations keeps its converged prefix.
     """
     c, B, n = g.shape
-    R = c * B
+    k0 = int(k_idx[0])
     x = g
     done = torch.zeros(B, dtype=torch.bool, device=g.device)
+    moved_cb = torch.zeros(c, B, dtype=torch.bool, device=g.device)  # [period, basin], last iteration
     for _ in range(2 * max_newton):  # (cheap iterations: twice the dopri5 allowance)
+        # only the basins still iterating are replayed
+        sel = None if not bool(done.any()) else (~done).nonzero()[:, 0]
+        xs, gs, bi, ki, ys0 = x, g, b_idx, k_idx, y_start
+        if sel is not None:
+            xs, gs, ys0 = x[:, sel], g[:, sel], y_start[sel]
+            bi, ki = _window_rows(sel, k0, k0 + c)
+        Bs = xs.shape[1]
         try:
-            y1, _, _, J, _, _ = _period_jacobian(coarse, x.reshape(R, n), fvals, params, b_idx, k_idx, None, wiring)
+            y1, _, _, J, _, _ = _period_jacobian(coarse, xs.reshape(c * Bs, n), fvals, params, bi, ki, None, wiring)
         except _rk.StepFailure:
             return g
         coarse.n_coarse += 1
-        new = _newton_update(J.view(c, B, n, n), y1.view(c, B, n), x, y_start)
-        bad = ~torch.isfinite(new).all(dim=2).all(dim=0)  # [B]
+        new = _newton_update(J.view(c, Bs, n, n), y1.view(c, Bs, n), xs, ys0)
+        bad = ~torch.isfinite(new).all(dim=2).all(dim=0)  # [Bs]
+        new = torch.where(bad[None, :, None], gs, new)
         # no tighter than the solver's tolerance: the coarse maps are only that close anyway
-        moved_cb = ((new - x).abs() > coarse.atol + coarse.rtol * new.abs()).any(dim=2)  # [c, B]
-        moved = moved_cb.any(dim=0)
-        x = torch.where((done | bad)[None, :, None], x, new)
-        x = torch.where(bad[None, :, None], g, x)
-        done = done | bad | ~moved
+        moved_s = ((new - xs).abs() > coarse.atol + coarse.rtol * new.abs()).any(dim=2) & ~bad  # [c, Bs]
+        fin = bad | ~moved_s.any(dim=0)
+        if sel is None:
+            x, done, moved_cb = new, fin, moved_s
+        else:
+            x = x.index_copy(1, sel, new)
+            done = done.index_copy(0, sel, fin)
+            moved_cb = moved_cb.index_copy(1, sel, moved_s)
         if bool(done.all()):
             return x
     # not converged everywhere: a basin keeps the prefix that has (the periods before the
@@ -561,10 +579,18 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         iterating = torch.ones(B, dtype=torch.bool, device=y0.device)  # basins not yet converged
         for _ in range(max_newton):
             iters += 1
-            yg = g.reshape(R, n)
+            # only the basins still iterating are replayed (a converged one keeps its guess)
+            sel = None if bool(iterating.all()) else iterating.nonzero()[:, 0]
+            gs, bi, ki, dp, ys0 = g, b_idx, k_idx, dt_prop, y_start
+            if sel is not None:
+                gs, ys0 = g[:, sel], y_start[sel]
+                bi, ki = _window_rows(sel, k0, k1)
+                dp = dt_prop.view(c, B)[:, sel].reshape(-1)
+            Bs = gs.shape[1]
             try:
                 y1, q1, dt_start, J, _, dt_next = _period_jacobian(
-                    prob, yg, fvals, params, b_idx, k_idx, dt_prop, wiring, max_work=_NEWTON_STEPS_PER_ROW * R
+                    prob, gs.reshape(c * Bs, n), fvals, params, bi, ki, dp, wiring,
+                    max_work=_NEWTON_STEPS_PER_ROW * c * Bs,
                 )
             except _rk.StepFailure as e:
                 # a Newton guess the solver cannot integrate (e.g. far outside the
@@ -573,10 +599,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 prob.n_work_limited += e.reason == _rk.WORK_LIMIT
                 failed = True
                 break
-            M = J.view(c, B, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
-            q = q1.view(c, B, m)
-            dts = dt_start.view(c, B)
-            if first:
+            M = J.view(c, Bs, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
+            if first:  # (all basins iterate in the first iteration)
+                dts = dt_start.view(c, B)
                 # later iterations: each period starts with the step its predecessor proposed
                 # in the first one, as in the sequential solve (fewer rejected first steps).
                 # Fixed from then on, so that the period maps do not change between
@@ -584,18 +609,22 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 # batch needed (a batch equals its basins solved one by one)
                 dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
                 first = False
-            new = _newton_update(M, y1.view(c, B, n), g, y_start)
+            new = _newton_update(M, y1.view(c, Bs, n), gs, ys0)
             if not torch.isfinite(new).all():
                 failed = True
                 break
             # a period is converged when the update of its start is well below the solver
             # tolerance (below that the maps move with the step-size decisions)
             scale = 0.05 * (prob.atol + prob.rtol * new.abs()) + 1e-11 * (1.0 + new.abs())
-            moved_cb = (((new - g).abs() / scale).amax(dim=2) > 1.0) & iterating  # [c, B]
+            moved_cb = ((new - gs).abs() / scale).amax(dim=2) > 1.0  # [c, Bs]
             # a basin takes its last update and then stops: its result does not depend on
             # the other basins of the batch (nor on how many iterations they needed)
-            g = torch.where(iterating[None, :, None], new, g)
-            iterating = iterating & moved_cb.any(dim=0)
+            if sel is None:
+                g = new
+                iterating = moved_cb.any(dim=0)
+            else:
+                g = g.index_copy(1, sel, new)
+                iterating = iterating.index_copy(0, sel, moved_cb.any(dim=0))
             moved = moved_cb.any(dim=1)  # [c]
             if not bool(moved.any()):
                 accepted = c
