@@ -405,7 +405,7 @@ class _PreparedRates:
         model = self.model
         bound = [None if p is None else f._bind(p, const) for f, p in zip(model.flux_modules, self.plans)]
         names = model.store_names
-        const, folded = self._fold(const, bound)
+        const, folded = self._fold(const)
 
         def rates(stores: torch.Tensor, extra: Vars | None = None) -> torch.Tensor:
             v = Vars(zip(names, stores.unbind(0)))
@@ -416,12 +416,11 @@ class _PreparedRates:
 
         return rates
 
-    def _fold(self, const: Vars, bound: list) -> tuple[Vars, tuple[bool, ...] | None]:
+    def _fold(self, const: Vars) -> tuple[Vars, tuple[bool, ...] | None]:
         """``const`` with the values of the fluxes that depend on nothing else added, and which those are."""
         model = self.model
         if self._folded is None:
-            self._folded = [bound[i] is None and not model._columnar[i] and type(f) is Flux
-                            for i, f in enumerate(model.flux_modules)]
+            self._folded = [type(f) is Flux for f in model.flux_modules]  # physics fluxes only
         if not any(self._folded):
             return const, None
         const = Vars(const)

@@ -354,7 +354,8 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
 
     ``dt0`` ``[B]``: the first period's proposed steps (``None``: chosen by the solver).
 
-    Returns stores ``[B,c+1,n]``, totals ``[B,c,m]`` and first steps ``[B,c]`` for the ``c`` periods.
+    Returns stores ``[B,c+1,n]``, totals ``[B,c,m]`` and first steps ``[B,c]`` for the ``c``
+    periods, and the steps proposed for the period after them ``[B]``.
     """
     T = fvals.shape[1] if k1 is None else k1
     ys = [y0]
@@ -370,8 +371,7 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
             raise prob.fail(e, e.row, k) from None
         ys.append(y)
         qs.append(q)
-    prob.last_dt_next = dt  # the next period's proposed steps (a parallel window after this one)
-    return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(dts, 1)
+    return torch.stack(ys, 1), torch.stack(qs, 1), torch.stack(dts, 1), dt
 
 
 def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False,
@@ -455,9 +455,23 @@ def _newton_update(M: torch.Tensor, y1: torch.Tensor, g: torch.Tensor, y_start: 
 
 
 def _window_rows(basins: torch.Tensor, k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Basin and period of each row of a window, rows ordered [period, basin]."""
-    c = k1 - k0
-    return basins.repeat(c), torch.arange(k0, k1, device=basins.device).repeat_interleave(len(basins))
+    """Basin and period of each row of the periods ``k0..k1-1`` of ``basins``, rows ordered [period, basin]."""
+    return basins.repeat(k1 - k0), torch.arange(k0, k1, device=basins.device).repeat_interleave(len(basins))
+
+
+def _iterating(active: torch.Tensor, k0: int, k1: int):
+    """The basins still iterating (``None``: all of them) and their rows' basins and periods."""
+    sel = None if bool(active.all()) else active.nonzero()[:, 0]
+    rows = _window_rows(torch.arange(len(active), device=active.device) if sel is None else sel, k0, k1)
+    return (sel,) + rows
+
+
+def _pick(t: torch.Tensor, sel: torch.Tensor | None, dim: int) -> torch.Tensor:
+    return t if sel is None else t.index_select(dim, sel)
+
+
+def _put(t: torch.Tensor, sel: torch.Tensor | None, dim: int, part: torch.Tensor) -> torch.Tensor:
+    return part if sel is None else t.index_copy(dim, sel, part)
 
 
 def _coarse_problem(prob: _Problem) -> _Problem:
@@ -469,8 +483,8 @@ def _coarse_problem(prob: _Problem) -> _Problem:
     return coarse
 
 
-def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, b_idx, k_idx, wiring, max_newton: int):
-    """Newton on the coarse period maps from the guess ``g`` ``[c, B, n]``; the converged trajectory.
+def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, max_newton: int):
+    """Newton on the coarse maps of periods ``k0..`` from the guess ``g`` ``[c, B, n]``; the converged trajectory.
 
     Each basin stops iterating once its own periods have converged, so that its guess, and
     with it the steps the dopri5 iterations choose, is the same as when the basin is solved
@@ -480,17 +494,13 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, b_idx, k_idx, wir
     has not converged after ``2 * max_newton`` iterations keeps its converged prefix.
     """
     c, B, n = g.shape
-    k0 = int(k_idx[0])
     x = g
     done = torch.zeros(B, dtype=torch.bool, device=g.device)
     moved_cb = torch.zeros(c, B, dtype=torch.bool, device=g.device)  # [period, basin], last iteration
     for _ in range(2 * max_newton):  # (cheap iterations: twice the dopri5 allowance)
         # only the basins still iterating are replayed
-        sel = None if not bool(done.any()) else (~done).nonzero()[:, 0]
-        xs, gs, bi, ki, ys0 = x, g, b_idx, k_idx, y_start
-        if sel is not None:
-            xs, gs, ys0 = x[:, sel], g[:, sel], y_start[sel]
-            bi, ki = _window_rows(sel, k0, k0 + c)
+        sel, bi, ki = _iterating(~done, k0, k0 + c)
+        xs, gs, ys0 = _pick(x, sel, 1), _pick(g, sel, 1), _pick(y_start, sel, 0)
         Bs = xs.shape[1]
         try:
             y1, _, _, J, _, _ = _period_jacobian(coarse, xs.reshape(c * Bs, n), fvals, params, bi, ki, None, wiring)
@@ -502,13 +512,9 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, b_idx, k_idx, wir
         new = torch.where(bad[None, :, None], gs, new)
         # no tighter than the solver's tolerance: the coarse maps are only that close anyway
         moved_s = ((new - xs).abs() > coarse.atol + coarse.rtol * new.abs()).any(dim=2) & ~bad  # [c, Bs]
-        fin = bad | ~moved_s.any(dim=0)
-        if sel is None:
-            x, done, moved_cb = new, fin, moved_s
-        else:
-            x = x.index_copy(1, sel, new)
-            done = done.index_copy(0, sel, fin)
-            moved_cb = moved_cb.index_copy(1, sel, moved_s)
+        x = _put(x, sel, 1, new)
+        done = _put(done, sel, 0, bad | ~moved_s.any(dim=0))
+        moved_cb = _put(moved_cb, sel, 1, moved_s)
         if bool(done.all()):
             return x
     # not converged everywhere: a basin keeps the prefix that has (the periods before the
@@ -554,8 +560,6 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         k1 = min(T, k0 + C)
         c = k1 - k0
         R = c * B
-        b_idx = torch.arange(B, device=y0.device).repeat(c)
-        k_idx = torch.arange(k0, k1, device=y0.device).repeat_interleave(B)
         if guess is not None:
             g = guess[:, k0:k1].transpose(0, 1).clone()
         else:
@@ -564,7 +568,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             g[: min(c, carry.shape[0])] = carry[:c]
         g[0] = y_start
         if coarse is not None:
-            g = _coarse_guess(coarse, g, y_start, fvals, params, b_idx, k_idx, wiring, max_newton)
+            g = _coarse_guess(coarse, g, y_start, fvals, params, k0, wiring, max_newton)
         accepted = 0
         first = guess_dt is None
         if first:
@@ -580,12 +584,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         for _ in range(max_newton):
             iters += 1
             # only the basins still iterating are replayed (a converged one keeps its guess)
-            sel = None if bool(iterating.all()) else iterating.nonzero()[:, 0]
-            gs, bi, ki, dp, ys0 = g, b_idx, k_idx, dt_prop, y_start
-            if sel is not None:
-                gs, ys0 = g[:, sel], y_start[sel]
-                bi, ki = _window_rows(sel, k0, k1)
-                dp = dt_prop.view(c, B)[:, sel].reshape(-1)
+            sel, bi, ki = _iterating(iterating, k0, k1)
+            gs, ys0 = _pick(g, sel, 1), _pick(y_start, sel, 0)
+            dp = _pick(dt_prop.view(c, B), sel, 1).reshape(-1)
             Bs = gs.shape[1]
             try:
                 y1, q1, dt_start, J, _, dt_next = _period_jacobian(
@@ -619,12 +620,8 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             moved_cb = ((new - gs).abs() / scale).amax(dim=2) > 1.0  # [c, Bs]
             # a basin takes its last update and then stops: its result does not depend on
             # the other basins of the batch (nor on how many iterations they needed)
-            if sel is None:
-                g = new
-                iterating = moved_cb.any(dim=0)
-            else:
-                g = g.index_copy(1, sel, new)
-                iterating = iterating.index_copy(0, sel, moved_cb.any(dim=0))
+            g = _put(g, sel, 1, new)
+            iterating = _put(iterating, sel, 0, moved_cb.any(dim=0))
             moved = moved_cb.any(dim=1)  # [c]
             if not bool(moved.any()):
                 accepted = c
@@ -640,8 +637,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             # update the error is quadratically small.
             Ra = accepted * B
             try:
-                y1, q1, dt_next, dt_start = prob.period(g[:accepted].reshape(Ra, n), fvals, params, b_idx[:Ra],
-                                                        k_idx[:Ra], dt_prop[:Ra], wiring)
+                bi, ki = _window_rows(torch.arange(B, device=y0.device), k0, k0 + accepted)
+                y1, q1, dt_next, dt_start = prob.period(g[:accepted].reshape(Ra, n), fvals, params, bi, ki,
+                                                        dt_prop[:Ra], wiring)
                 q, dts = q1.view(accepted, B, m), dt_start.view(accepted, B)
                 dt_next = dt_next.view(accepted, B)
             except _rk.StepFailure:
@@ -650,14 +648,13 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             # this window period by period (which reports a real failure with its basin
             # and date); later windows go on in parallel. Falling back for the whole
             # record instead made one stiff calibration trial of 31 years cost 52 s.
-            Yw, Qw, DTw = _forward_sequential(prob, y_start, fvals, params, wiring, k0, k1, dt_in)
+            Yw, Qw, DTw, dt_in = _forward_sequential(prob, y_start, fvals, params, wiring, k0, k1, dt_in)
             prob.n_sequential_windows += 1
             Ys.append(Yw[:, 1:].transpose(0, 1))
             Qs.append(Qw.transpose(0, 1))
             DTs.append(DTw.transpose(0, 1))
             y_start = Ys[-1][-1]
             carry = None
-            dt_in = prob.last_dt_next
             k0 = k1
             continue
         # keep the converged prefix; stores accumulated from the flux totals so that
@@ -706,7 +703,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
             # inference mode: about 15% less overhead per operation than no_grad; the
             # results are cloned out of it, as the backward pass saves them
             with torch.inference_mode():
-                out = _forward_sequential(prob, y0d, fd, pd, wiring)
+                out = _forward_sequential(prob, y0d, fd, pd, wiring)[:3]
             out = tuple(t.clone() for t in out)
     if sens.warm_start:
         sens._cache["stores"] = out[0]
@@ -752,8 +749,7 @@ class _CheckpointedSolve(torch.autograd.Function):
             # rows ordered [period, basin]
             y_rows = Y[:, k0:k1].transpose(0, 1).reshape(R, n)
             dt_rows = DT[:, k0:k1].transpose(0, 1).reshape(R)
-            b_idx = torch.arange(B, device=dev).repeat(c)
-            k_idx = torch.arange(k0, k1, device=dev).repeat_interleave(B)
+            b_idx, k_idx = _window_rows(torch.arange(B, device=dev), k0, k1)
             # 1. one replay of the chunk with a graph; from it the Jacobians of each period's
             #    map (stores -> stores) and the direct contribution of the totals'
             #    cotangents, (dq/dy)^T gQ, in one batched reverse pass
@@ -1107,7 +1103,7 @@ def solve(
         Y, Q = _solve_torchdiffeq(model, prob, y0, fvals, params, method, rtol, atol, step_size, sens, options)
     elif isinstance(sens, Direct):
         wiring = model.wiring_matrix.to(dtype)
-        Y, Q, _ = _forward_sequential(prob, y0, fvals, params, wiring)
+        Y, Q, _, _ = _forward_sequential(prob, y0, fvals, params, wiring)
     else:
         weights = [p for p in model.parameters() if p.requires_grad and p is not model.raw]
         if not torch.is_grad_enabled():
