@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _rk
+from . import _malloc, _rk
 from ._torchdiffeq_compat import is_adaptive, jump_safe_method
 from .fluxes import Vars
 from .forcing import Forcing, ForcingError, interpolate
@@ -981,6 +981,7 @@ def solve(
             f"got {type(forcing).__name__}"
         )
     sens = _as_sensitivity(sensitivity)
+    _malloc.tune()  # once per process: freed chunks stay mapped for the next (see _malloc)
     missing = [n for n in model.forcing_names if n not in forcing.names]
     if missing:
         raise ForcingError(

@@ -1,6 +1,11 @@
 """Solver: agreement with scipy references, mass balance, batching, jumps, gradients."""
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -412,3 +417,36 @@ def test_cuda_solve_and_gradients_match_cpu(sensitivity):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-8 * float(b.abs().max()) + 1e-12)
     with pytest.raises(ModelError, match="move both to one device"):
         solve(model, forcing.to(device="cuda"))
+
+
+_MALLOC_PROBE = r"""
+import os, resource, sys
+import torch
+from adjointhydro import _malloc
+applied = _malloc.tune()
+assert _malloc.tune() == applied  # once per process
+def cycle():
+    # a chunk's worth of activations: 24 x 4 MB, written, then all freed together
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ts = [torch.ones(1 << 19, dtype=torch.float64) for _ in range(24)]
+    del ts
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+cycle()
+print(applied, min(cycle() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc tuning applies to glibc on Linux only")
+def test_freed_chunks_stay_mapped_unless_disabled(tmp_path):
+    """After tuning, a second chunk of 96 MB reuses the pages of the first (no new page faults)."""
+    def probe(env_value):
+        env = dict(os.environ, ADJOINTHYDRO_MALLOC_TUNING=env_value)
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env=env, capture_output=True, text=True,
+                             check=True, cwd=tmp_path).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    applied, faults = probe("1")
+    assert applied and faults < 500
+    applied, faults = probe("0")  # glibc's defaults: the freed pages go back to the kernel
+    assert not applied and faults > 5000
