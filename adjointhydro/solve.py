@@ -60,7 +60,9 @@ NATIVE_METHODS = tuple(_rk.TABLEAUS)
 # backward) beats period-by-period work: per-step overhead dominates small batches,
 # arithmetic dominates large ones (see docs/benchmarks.md).
 _PARALLEL_MAX_BASINS = 16
-_CPU_MAX_ROWS = 4096
+# (since freed chunks stay mapped (_malloc), larger chunks pay on a CPU: fewer replays
+# and reverse passes of fixed cost; about 150 MB at most, docs/benchmarks.md)
+_CPU_MAX_ROWS = 16384
 # A Newton replay keeps every step of every row for its Jacobians. Beyond this many steps
 # a row on average (about 1.2 on ordinary days), the window is solved period by period
 # instead: a stiff corner of the parameters (or a poor Newton guess) cannot make the
@@ -105,7 +107,7 @@ class CheckpointedAdjoint:
         max_rows: at most this many (basin x period) rows are solved at once in the
             parallel forward and backward passes (the backward pass takes at least 32
             periods of the batch at a time); bounds memory independently of the record
-            length. ``None``: 4,096 on a CPU, 2**20 on a GPU (where wide batches cost
+            length. ``None``: 16,384 on a CPU, 2**20 on a GPU (where wide batches cost
             little more than narrow ones; about 1 GB for 256 basins x 1 year).
         parallel_forward: solve the periods of a window in parallel by Newton's method
             (``None``: on a GPU always, on a CPU for batches of at most 16 basins, where
