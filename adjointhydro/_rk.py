@@ -95,6 +95,15 @@ def _coefficients(tab: Tableau, dtype: torch.dtype, device: torch.device) -> dic
     return _COEF_CACHE[key]
 
 
+def _identity(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``eye(m)``, made once per (size, dtype, device): ``torch.eye`` costs a few evaluations' overhead."""
+    key = ("eye", m, dtype, device)
+    if key not in _COEF_CACHE:
+        with torch.inference_mode(False):
+            _COEF_CACHE[key] = torch.eye(m, dtype=dtype, device=device)
+    return _COEF_CACHE[key]
+
+
 WORK_LIMIT = "work limit"  # StepFailure.reason when max_work is exceeded
 
 
@@ -149,24 +158,26 @@ def integrate_period(
         period ``[rows, m]``, ``dt_next`` the proposed first step of the next period and
         ``dt_start`` the first step tried here.
     """
-    rows = y0.shape[0]
+    rows, n = y0.shape
     dtype, device = y0.dtype, y0.device
     m = wiring.shape[0]
     wt = wiring.t()  # [n, m]: store change = wt @ flux totals
+    # stores and totals advance together, x = [y; q] [n + m, rows]: x changes by wx @ (flux totals)
+    wx = torch.cat([wt, _identity(m, wt.dtype, wt.device)], dim=0)
     s = torch.zeros(rows, dtype=dtype, device=device)
-    y = y0.t().contiguous()
-    q = torch.zeros(m, rows, dtype=dtype, device=device)
+    y = y0.t()
+    x = torch.cat([y, torch.zeros(m, rows, dtype=dtype, device=device)], dim=0)
     adaptive = tab.e is not None and fixed_step is None
     min_h = span * 1e-10
     coef = _coefficients(tab, dtype, device)
     f_all = flux(None)
     timed = getattr(f_all, "uses_time", True)  # False: rates constant in time within the period
-    k_first = f_all(y, s) if tab.fsal else None
+    k_first = f_all(x[:n], s) if tab.fsal else None
     n_evals = 1 if tab.fsal else 0
     if adaptive:
         if dt0 is None or bool(torch.isnan(dt0).any()):
             with torch.no_grad():
-                k0 = k_first if k_first is not None else f_all(y, s)
+                k0 = k_first if k_first is not None else f_all(x[:n], s)
                 h0 = _initial_step(f_all, wt, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
             dt0 = h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
             n_evals += 1 if k_first is not None else 2
@@ -178,8 +189,10 @@ def integrate_period(
     idx = None  # rows still stepping (None: all)
     f_sub = f_all
     n_stages = len(tab.c)
+    # error exponent on the mean square (no square root): ratio ** (-1 / (order + 1))
+    expo = -0.5 / (tab.order + 1)
     # working copies of the active rows
-    ys, qs, ss, hs, ks0 = y, q, s, h_prop, k_first
+    xs, ss, hs, ks0 = x, s, h_prop, k_first
     work = 0
     while True:
         remaining = span - ss
@@ -198,15 +211,16 @@ def integrate_period(
             raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), f"more than {max_steps} steps in one period")
         if n_active <= active.shape[0] // 2:
             # compact: write finished rows back, keep working on the others only
-            y, q, s, h_prop, k_first = _scatter(idx, (y, q, s, h_prop, k_first), (ys, qs, ss, hs, ks0))
+            x, s, h_prop, k_first = _scatter(idx, (x, s, h_prop, k_first), (xs, ss, hs, ks0))
             sel = active.nonzero()[:, 0]
             idx = sel if idx is None else idx[sel]
             f_sub = flux(idx)
-            ys, qs, ss, hs = y[:, idx], q[:, idx], s[idx], h_prop[idx]
+            xs, ss, hs = x[:, idx], s[idx], h_prop[idx]
             ks0 = k_first[:, idx] if k_first is not None else None
             remaining = span - ss
             active = torch.ones_like(ss, dtype=torch.bool)
             all_active = True
+        ys = xs[:n]
         if not tab.fsal:
             ks0 = f_sub(ys, ss)
             n_evals += 1
@@ -225,45 +239,40 @@ def integrate_period(
             ks.append(f_sub(torch.addmm(ys, wt, comb * h), ss + tab.c[i] * h if timed else ss))
         n_evals += n_stages - 1
         K = torch.stack(ks, dim=0).reshape(n_stages, -1)  # [stages, m * rows]
-        dq = (coef["b"] @ K).view(m, -1) * h
-        y_new = torch.addmm(ys, wt, dq)
-        q_new = qs + dq
+        x_new = torch.addmm(xs, wx, (coef["b"] @ K).view(m, -1) * h)
         s_new = torch.where(last, span, ss + h)
-        if adaptive:
-            eq = ((coef["e"] @ K).view(m, -1) * h).detach()
-            ey = wt @ eq
-            yd, ynd, qd, qnd = ys.detach(), y_new.detach(), qs.detach(), q_new.detach()
-            sy = atol + rtol * torch.maximum(yd.abs(), ynd.abs())
-            sq = atol + rtol * torch.maximum(qd.abs(), qnd.abs())
-            ratio = torch.sqrt((torch.cat([ey / sy, eq / sq], dim=0) ** 2).mean(dim=0))
-            finite = torch.isfinite(ynd).all(dim=0) & torch.isfinite(qnd).all(dim=0)
-            ratio = torch.where(finite, ratio, float("inf"))
-            accept = (ratio <= 1.0) | ((h <= min_h) & finite)
+        with torch.no_grad():  # step control: no graph
+            if adaptive:
+                ex = wx @ ((coef["e"] @ K).view(m, -1) * h)
+                scale = torch.maximum(xs.abs(), x_new.abs()).mul_(rtol).add_(atol)
+                r2 = ex.div_(scale).square_().mean(dim=0)  # mean square of the scaled error
+                # a non-finite state makes the error non-finite: never accepted
+                finite = torch.isfinite(r2)
+                accept = (r2 <= 1.0) | ((h <= min_h) & finite)
+                if not all_active:
+                    accept = accept & active
+                factor = r2.clamp_(min=1e-20).pow_(expo).mul_(0.9).clamp_(0.2, 10.0)
+                h_next = (h * factor).clamp_(max=span)
+                # a truncated last step says little about larger steps: keep the old proposal
+                keep = accept & last & (h_next < hs)
+                h_next = torch.where(keep, hs, h_next)
+                hs = h_next if all_active else torch.where(active, h_next, hs)
+                fail = ~accept & (h < 5.0 * min_h)
+            else:
+                accept = active
+                fail = ~(torch.isfinite(x_new).all(dim=0))
             if not all_active:
-                accept = accept & active
-            factor = torch.clamp(0.9 * ratio.clamp(min=1e-10) ** (-1.0 / (tab.order + 1)), 0.2, 10.0)
-            h_next = (h * factor).clamp(max=span)
-            # a truncated last step says little about larger steps: keep the old proposal
-            keep = accept & last & (h_next < hs)
-            h_next = torch.where(keep, hs, h_next)
-            hs = h_next if all_active else torch.where(active, h_next, hs)
-            fail = ~accept & (h * 0.2 < min_h)
-        else:
-            accept = active
-            fail = ~(torch.isfinite(y_new.detach()).all(dim=0))
-        if not all_active:
-            fail = fail & active
+                fail = fail & active
         if bool(fail.any()):
             r = int(fail.nonzero()[0])
-            reason = "non-finite state" if not bool(torch.isfinite(y_new[:, r].detach()).all()) else "step size underflow"
+            reason = "non-finite state" if not bool(torch.isfinite(x_new[:, r].detach()).all()) else "step size underflow"
             raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), reason)
-        ys = torch.where(accept, y_new, ys)
-        qs = torch.where(accept, q_new, qs)
+        xs = torch.where(accept, x_new, xs)
         ss = torch.where(accept, s_new, ss)
         if tab.fsal:
             ks0 = torch.where(accept, ks[-1], ks0)
-    y, q, s, h_prop, k_first = _scatter(idx, (y, q, s, h_prop, k_first), (ys, qs, ss, hs, ks0))
-    return y.t(), q.t(), h_prop, dt_start, n_iter, n_evals
+    x, s, h_prop, k_first = _scatter(idx, (x, s, h_prop, k_first), (xs, ss, hs, ks0))
+    return x[:n].t(), x[n:].t(), h_prop, dt_start, n_iter, n_evals
 
 
 def _scatter(idx, full, part):

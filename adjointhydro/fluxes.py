@@ -68,7 +68,8 @@ class _Plan(NamedTuple):
     """
 
     layers: tuple[tuple[torch.Tensor, torch.Tensor, Callable | None], ...]  # (W [out, in], b [out, 1], act)
-    out_scale: torch.Tensor  # [n_out, 1]
+    out_scale: torch.Tensor | None  # [n_out, 1]; None: folded into the last layer, see beta
+    beta: float | None  # softplus(z, beta) of the last layer's output (out_scale folded in)
     store_w: torch.Tensor | None  # [h, n_stores]: first-layer weights of the inputs that are stores
     store_inputs: frozenset  # names of those inputs
 
@@ -81,7 +82,8 @@ class _Bound(NamedTuple):
     rest_w: torch.Tensor | None  # [h, k]: first-layer weights of the inputs read at each call
     rest: tuple[str, ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor, Callable | None], ...]  # first layer's act, then the rest
-    out_scale: torch.Tensor
+    out_scale: torch.Tensor | None
+    beta: float | None
 
 
 class Flux(nn.Module):
@@ -251,8 +253,13 @@ class _NeuralBase(nn.Module):
                 x = act(x)
         return x
 
-    def _columns(self, v: Vars, bound: _Bound | None = None, stores: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Each output's rate, ``[...]`` (the module) or ``[rows]`` (a bound plan)."""
+    def _columns(self, v: Vars, bound: _Bound | None = None, stores: torch.Tensor | None = None,
+                 cache: dict | None = None) -> list[torch.Tensor]:
+        """Each output's rate, ``[...]`` (the module) or ``[rows]`` (a bound plan).
+
+        ``cache``: values shared by the fluxes of one evaluation (the ``limit_by``
+        factors, which several networks limited by one store would each compute).
+        """
         if bound is None:
             z = self._net_out(v)
             dim = -1
@@ -260,9 +267,12 @@ class _NeuralBase(nn.Module):
         else:
             z = self._net_out_bound(v, bound, stores)
             dim = 0
-            pos = nn.functional.softplus(z) * bound.out_scale
+            if bound.beta is not None:
+                pos = nn.functional.softplus(z, beta=bound.beta)  # (= out_scale * softplus(z / out_scale))
+            else:
+                pos = nn.functional.softplus(z) * bound.out_scale
         # softplus / log 2 maps a zero net output to exactly output_scale; always >= 0
-        cols: list[torch.Tensor | None] = list(pos.unbind(dim))
+        cols: list[torch.Tensor | None] = list(pos.unbind(dim)) if pos.shape[dim] > 1 else [pos.select(dim, 0)]
         if self._partition:
             zc = z.unbind(dim)
             for var, idx in self._partition:
@@ -276,9 +286,15 @@ class _NeuralBase(nn.Module):
                     cols[k] = c
         for i, store in enumerate(self.limit_by):
             if store is not None:  # (never a partitioned output)
-                s = torch.relu(v[store])
-                # Goes to zero as the store empties, ~1 once it holds a few limit_scale
-                cols[i] = cols[i] * (s / (s + self.limit_scale))
+                key = (store, self.limit_scale)
+                factor = None if cache is None else cache.get(key)
+                if factor is None:
+                    s = torch.relu(v[store])
+                    # Goes to zero as the store empties, ~1 once it holds a few limit_scale
+                    factor = s / (s + self.limit_scale)
+                    if cache is not None:
+                        cache[key] = factor
+                cols[i] = cols[i] * factor
         return cols
 
     def _plan(self, store_names: Sequence[str] = ()) -> "_Plan | None":
@@ -328,6 +344,16 @@ class _NeuralBase(nn.Module):
                 steps.append((w_eff, b_eff, act_mod.forward))
                 a, c = 1.0, 0.0
             i += 2
+        out_scale = (self.output_scale.to(dtype) / math.log(2.0))[:, None]
+        beta = None
+        if out_scale.shape[0] == 1 and not self._partition and steps[-1][2] is None:
+            # one output: scale * softplus(z) = softplus(scale * z, beta=1/scale), with the
+            # scale folded into the last layer (one operation less at every evaluation)
+            scale = float(out_scale)
+            if scale > 0:
+                w_last, b_last, _ = steps[-1]
+                steps[-1] = (w_last * scale, b_last * scale, None)
+                out_scale, beta = None, 1.0 / scale
         store_w = None
         from_stores = [(j, store_names.index(n)) for j, n in enumerate(self._inputs) if n in store_names]
         if from_stores:
@@ -335,7 +361,7 @@ class _NeuralBase(nn.Module):
             cols = [j for j, _ in from_stores]
             at = torch.tensor([k for _, k in from_stores], device=w_first.device)
             store_w = w_first.new_zeros(w_first.shape[0], len(store_names)).index_copy(1, at, w_first[:, cols])
-        return _Plan(tuple(steps), (self.output_scale.to(dtype) / math.log(2.0))[:, None], store_w,
+        return _Plan(tuple(steps), out_scale, beta, store_w,
                      frozenset(self._inputs[j] for j, _ in from_stores))
 
     def _bind(self, plan: _Plan, const: Mapping[str, torch.Tensor]) -> _Bound:
@@ -349,7 +375,7 @@ class _NeuralBase(nn.Module):
         ri = [j for j, n in enumerate(self._inputs) if n not in const and n not in plan.store_inputs]
         rest_w = w0[:, ri] if ri else None
         return _Bound(first, plan.store_w, rest_w, tuple(self._inputs[j] for j in ri),
-                      ((None, None, act0),) + plan.layers[1:], plan.out_scale)
+                      ((None, None, act0),) + plan.layers[1:], plan.out_scale, plan.beta)
 
 
 class NeuralFlux(_NeuralBase, Flux):

@@ -346,11 +346,12 @@ class Model(nn.Module):
         Fluxes marked in ``folded`` are already in ``v`` (evaluated once per period).
         """
         out = []
+        cache: dict = {}  # values the networks of this evaluation share (limit factors)
         for i, f in enumerate(self.flux_modules):
             if folded is not None and folded[i]:
                 out.append(v[f.name])
             elif self._columnar[i]:
-                cols = f._columns(v, None if bound is None else bound[i], stores)
+                cols = f._columns(v, None if bound is None else bound[i], stores, cache)
                 v.update(zip(f.names, cols))
                 out.extend(cols)
             elif isinstance(f, NeuralFluxGroup):  # a subclass with its own forward
