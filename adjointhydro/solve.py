@@ -40,7 +40,7 @@ from torch import nn
 
 from . import _malloc, _rk
 from ._torchdiffeq_compat import is_adaptive, jump_safe_method
-from .fluxes import Vars
+from .fluxes import Vars, _state_gradients_only
 from .forcing import Forcing, ForcingError, interpolate
 from .model import Model, ModelError
 
@@ -404,23 +404,24 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
             cq = torch.cat([cq, gq[None]])
         outs = [(y1, cy)] + ([(q1, cq)] if q1.requires_grad else [])  # totals may not depend on stores
         g = None
-        if prob.batched_grads:
-            try:
-                (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
-                                           is_grads_batched=True, retain_graph=True)
-                if g is None:
-                    g = torch.zeros(cy.shape, dtype=y_rows.dtype, device=y_rows.device)
-            except RuntimeError:
-                # a flux whose backward cannot be vectorised (e.g. a custom autograd.Function
-                # that reads a value with .item()): one reverse pass per cotangent instead
-                prob.batched_grads = False
-        if g is None:
-            gs = []
-            for i in range(cy.shape[0]):
-                (gi,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c[i] for _, c in outs],
-                                            allow_unused=True, retain_graph=True)
-                gs.append(torch.zeros_like(y_in) if gi is None else gi)
-            g = torch.stack(gs)
+        with _state_gradients_only():
+            if prob.batched_grads:
+                try:
+                    (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
+                                               is_grads_batched=True, retain_graph=True)
+                    if g is None:
+                        g = torch.zeros(cy.shape, dtype=y_rows.dtype, device=y_rows.device)
+                except RuntimeError:
+                    # a flux whose backward cannot be vectorised (e.g. a custom autograd.Function
+                    # that reads a value with .item()): one reverse pass per cotangent instead
+                    prob.batched_grads = False
+            if g is None:
+                gs = []
+                for i in range(cy.shape[0]):
+                    (gi,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c[i] for _, c in outs],
+                                                allow_unused=True, retain_graph=True)
+                    gs.append(torch.zeros_like(y_in) if gi is None else gi)
+                g = torch.stack(gs)
     J = g[:n].permute(1, 0, 2)
     v = g[n] if gq is not None else None
     if keep_graph:

@@ -109,6 +109,31 @@ def test_prepared_networks_equal_the_modules_in_value_and_gradient(activation):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_feature_major_product_has_the_builtin_gradients():
+    """The networks' product under autograd: first and second derivatives as ``addmm``'s,
+    vectorised over cotangents, and only store gradients inside the solver's Jacobian passes."""
+    from adjointhydro.fluxes import _FeatureMajorAddmm, _state_gradients_only
+
+    gen = torch.Generator().manual_seed(3)
+    for bias_cols in (1, 7):  # a bias per output (broadcast) or per output and row
+        bias = torch.randn(4, bias_cols, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+        torch.testing.assert_close(_FeatureMajorAddmm.apply(bias, w, x), torch.addmm(bias, w, x), rtol=0, atol=0)
+        assert torch.autograd.gradcheck(_FeatureMajorAddmm.apply, (bias, w, x))
+        assert torch.autograd.gradgradcheck(_FeatureMajorAddmm.apply, (bias, w, x))
+        out = torch.sigmoid(_FeatureMajorAddmm.apply(bias, w, x))
+        cot = torch.randn((5,) + out.shape, generator=gen, dtype=torch.float64)
+        with _state_gradients_only():
+            (gx,) = torch.autograd.grad(out, x, cot, is_grads_batched=True, retain_graph=True)
+            g_w = torch.autograd.grad(out, w, cot[0], retain_graph=True, allow_unused=True)[0]
+        ref = torch.sigmoid(torch.addmm(bias, w, x))
+        for i in range(5):
+            torch.testing.assert_close(gx[i], torch.autograd.grad(ref, x, cot[i], retain_graph=True)[0])
+        assert g_w is None or not g_w.any()  # skipped there; computed outside
+        torch.testing.assert_close(torch.autograd.grad(out, w, cot[0])[0], torch.autograd.grad(ref, w, cot[0])[0])
+
+
 def test_fluxes_of_constants_only_are_evaluated_once_a_period():
     """Physics fluxes that read only parameters and piecewise-constant forcing (EXP-HYDRO's
     snowfall and rainfall) are evaluated when a period is bound, not at every stage; a flux
