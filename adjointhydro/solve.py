@@ -477,6 +477,35 @@ def _put(t: torch.Tensor, sel: torch.Tensor | None, dim: int, part: torch.Tensor
     return part if sel is None else t.index_copy(dim, sel, part)
 
 
+class _MapCache:
+    """Each row's period map value and Jacobian, and the start they were evaluated at (Newton iterations).
+
+    After the first iterations only a few periods still move (in 4 years of one basin,
+    about 100 of 1,460: the snow seasons), yet every row was replayed at every iteration.
+    A row is now replayed only when its start has moved more than ``tol`` (the
+    convergence threshold) since its map was evaluated; the others keep their map's
+    value and Jacobian at that point, which enter the Newton update linearised there
+    (an error of second order in a move below the threshold).
+    """
+
+    def __init__(self, c: int, B: int, n: int, like: torch.Tensor) -> None:
+        self.at = torch.full((c, B, n), float("nan"), dtype=like.dtype, device=like.device)  # NaN: never
+        self.y1 = torch.zeros((c, B, n), dtype=like.dtype, device=like.device)
+        self.J = torch.zeros((c, B, n, n), dtype=like.dtype, device=like.device)
+
+    def stale(self, g: torch.Tensor, tol: torch.Tensor, iterating: torch.Tensor) -> torch.Tensor:
+        """``[c, B]``: rows of iterating basins whose start ``g`` moved beyond ``tol`` (or never evaluated)."""
+        far = ((g - self.at).abs() > tol).any(dim=2) | torch.isnan(self.at[..., 0])
+        return far & iterating[None, :]
+
+    def update(self, rows: torch.Tensor, g_rows: torch.Tensor, y1: torch.Tensor, J: torch.Tensor) -> None:
+        """Store the maps of ``rows`` ``[r, 2]`` (period, basin), evaluated at ``g_rows``."""
+        k, b = rows[:, 0], rows[:, 1]
+        self.at[k, b] = g_rows
+        self.y1[k, b] = y1
+        self.J[k, b] = J
+
+
 def _coarse_problem(prob: _Problem) -> _Problem:
     """``prob`` with one step of :data:`_COARSE_METHOD` per period (the cheap maps of :func:`_coarse_guess`)."""
     coarse = copy.copy(prob)
@@ -500,20 +529,26 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, 
     x = g
     done = torch.zeros(B, dtype=torch.bool, device=g.device)
     moved_cb = torch.zeros(c, B, dtype=torch.bool, device=g.device)  # [period, basin], last iteration
+    maps = _MapCache(c, B, n, g)
     for _ in range(2 * max_newton):  # (cheap iterations: twice the dopri5 allowance)
-        # only the basins still iterating are replayed
-        sel, bi, ki = _iterating(~done, k0, k0 + c)
-        xs, gs, ys0 = _pick(x, sel, 1), _pick(g, sel, 1), _pick(y_start, sel, 0)
-        Bs = xs.shape[1]
-        try:
-            y1, _, _, J, _, _ = _period_jacobian(coarse, xs.reshape(c * Bs, n), fvals, params, bi, ki, None, wiring)
-        except _rk.StepFailure:
-            return g
+        # no tighter than the solver's tolerance: the coarse maps are only that close anyway
+        tol = coarse.atol + coarse.rtol * x.abs()
+        # only the rows whose start moved are replayed, of the basins still iterating
+        rows = maps.stale(x, tol, ~done).nonzero()
+        if len(rows):
+            g_rows = x[rows[:, 0], rows[:, 1]]
+            try:
+                y1, _, _, J, _, _ = _period_jacobian(coarse, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
+                                                     None, wiring)
+            except _rk.StepFailure:
+                return g
+            maps.update(rows, g_rows, y1, J)
         coarse.n_coarse += 1
-        new = _newton_update(J.view(c, Bs, n, n), y1.view(c, Bs, n), xs, ys0)
+        sel = None if bool((~done).all()) else (~done).nonzero()[:, 0]
+        xs, gs, ys0 = _pick(x, sel, 1), _pick(g, sel, 1), _pick(y_start, sel, 0)
+        new = _newton_update(_pick(maps.J, sel, 1), _pick(maps.y1, sel, 1), _pick(maps.at, sel, 1), ys0)
         bad = ~torch.isfinite(new).all(dim=2).all(dim=0)  # [Bs]
         new = torch.where(bad[None, :, None], gs, new)
-        # no tighter than the solver's tolerance: the coarse maps are only that close anyway
         moved_s = ((new - xs).abs() > coarse.atol + coarse.rtol * new.abs()).any(dim=2) & ~bad  # [c, Bs]
         x = _put(x, sel, 1, new)
         done = _put(done, sel, 0, bad | ~moved_s.any(dim=0))
@@ -584,27 +619,33 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             dt_prop = guess_dt[:, k0:k1].transpose(0, 1).reshape(R)
         failed = False
         iterating = torch.ones(B, dtype=torch.bool, device=y0.device)  # basins not yet converged
+        maps = _MapCache(c, B, n, g)
         for _ in range(max_newton):
             iters += 1
-            # only the basins still iterating are replayed (a converged one keeps its guess)
-            sel, bi, ki = _iterating(iterating, k0, k1)
-            gs, ys0 = _pick(g, sel, 1), _pick(y_start, sel, 0)
-            dp = _pick(dt_prop.view(c, B), sel, 1).reshape(-1)
-            Bs = gs.shape[1]
-            try:
-                y1, q1, dt_start, J, _, dt_next = _period_jacobian(
-                    prob, gs.reshape(c * Bs, n), fvals, params, bi, ki, dp, wiring,
-                    max_work=_NEWTON_STEPS_PER_ROW * c * Bs,
-                )
-            except _rk.StepFailure as e:
-                # a Newton guess the solver cannot integrate (e.g. far outside the
-                # physical states in a stiff corner of the parameters), one that needs
-                # too many steps to replay with a graph, or a real failure
-                prob.n_work_limited += e.reason == _rk.WORK_LIMIT
-                failed = True
-                break
-            M = J.view(c, Bs, n, n)  # M[k,b,i,j] = dPhi_i/dy_j
-            if first:  # (all basins iterate in the first iteration)
+            # a period is converged when the update of its start is well below the solver
+            # tolerance (below that the maps move with the step-size decisions)
+            tol = 0.05 * (prob.atol + prob.rtol * g.abs()) + 1e-11 * (1.0 + g.abs())
+            # only the rows whose start moved are replayed, of the basins still iterating
+            # (a converged basin keeps its guess); in the first iteration, every row
+            stale = maps.stale(g, tol, iterating)  # [c, B]
+            rows = stale.nonzero()
+            if len(rows):
+                g_rows = g[rows[:, 0], rows[:, 1]]
+                try:
+                    y1, q1, dt_start, J, _, dt_next = _period_jacobian(
+                        prob, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
+                        dt_prop.view(c, B)[rows[:, 0], rows[:, 1]], wiring,
+                        max_work=_NEWTON_STEPS_PER_ROW * len(rows),
+                    )
+                except _rk.StepFailure as e:
+                    # a Newton guess the solver cannot integrate (e.g. far outside the
+                    # physical states in a stiff corner of the parameters), one that needs
+                    # too many steps to replay with a graph, or a real failure
+                    prob.n_work_limited += e.reason == _rk.WORK_LIMIT
+                    failed = True
+                    break
+                maps.update(rows, g_rows, y1, J)  # J[r,i,j] = dPhi_i/dy_j
+            if first:  # (all rows replayed in the first iteration, in [period, basin] order)
                 dts = dt_start.view(c, B)
                 # later iterations: each period starts with the step its predecessor proposed
                 # in the first one, as in the sequential solve (fewer rejected first steps).
@@ -612,21 +653,33 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 # iterations and the result does not depend on how many iterations the
                 # batch needed (a batch equals its basins solved one by one)
                 dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
+            sel = None if bool(iterating.all()) else iterating.nonzero()[:, 0]
+            gs, ys0 = _pick(g, sel, 1), _pick(y_start, sel, 0)
+            new = _newton_update(_pick(maps.J, sel, 1), _pick(maps.y1, sel, 1), _pick(maps.at, sel, 1), ys0)
+            if first:
+                # the maps just used had the first proposals: every row is evaluated again
+                maps = _MapCache(c, B, n, g)
                 first = False
-            new = _newton_update(M, y1.view(c, Bs, n), gs, ys0)
             if not torch.isfinite(new).all():
                 failed = True
                 break
-            # a period is converged when the update of its start is well below the solver
-            # tolerance (below that the maps move with the step-size decisions)
             scale = 0.05 * (prob.atol + prob.rtol * new.abs()) + 1e-11 * (1.0 + new.abs())
             moved_cb = ((new - gs).abs() / scale).amax(dim=2) > 1.0  # [c, Bs]
+            # a basin that converged on kept maps iterates once more with all of them fresh:
+            # a kept map is off by more than its linearisation where the step-size
+            # decisions differ, and converged must mean converged on the real maps (else
+            # the loss's slope is not the gradient: an L-BFGS test went off course)
+            stay = moved_cb.any(dim=0)  # [Bs]
+            unchecked = ~stay & ~_pick(stale.all(dim=0), sel, 0)
+            if bool(unchecked.any()):
+                ub = unchecked.nonzero()[:, 0] if sel is None else sel[unchecked]
+                maps.at[:, ub] = float("nan")
             # a basin takes its last update and then stops: its result does not depend on
             # the other basins of the batch (nor on how many iterations they needed)
             g = _put(g, sel, 1, new)
-            iterating = _put(iterating, sel, 0, moved_cb.any(dim=0))
+            iterating = _put(iterating, sel, 0, stay | unchecked)
             moved = moved_cb.any(dim=1)  # [c]
-            if not bool(moved.any()):
+            if not bool(moved.any()) and not bool(unchecked.any()):
                 accepted = c
                 break
             # after i iterations the first i periods are exact: note the converged prefix

@@ -189,6 +189,35 @@ def test_parallel_forward_returns_its_own_period_maps(monkeypatch):
         assert float((q.view(T, B, -1).transpose(0, 1) - Q).abs().max()) < 1e-4
 
 
+def test_later_newton_iterations_replay_only_the_periods_that_moved(monkeypatch):
+    """After the first iterations only a few periods still move (the snow seasons); the
+    others keep their maps. Four years of one basin: at most a third of the rows a full
+    replay per iteration would take, and the same daily discharge (to the solver's
+    tolerance) as the period-by-period solve, with the returned stores its own maps'."""
+    import sys
+    solve_mod = sys.modules["adjointhydro.solve"]
+    torch.manual_seed(0)
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(1, 4 * 365, seed=5)
+    rows = []
+    real = solve_mod._period_jacobian
+
+    def counting(prob, y_rows, *a, **k):
+        rows.append(y_rows.shape[0])
+        return real(prob, y_rows, *a, **k)
+
+    monkeypatch.setattr(solve_mod, "_period_jacobian", counting)
+    with torch.no_grad():
+        par = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, warm_start=False))
+    n_iter = par.stats["newton_iterations"] + par.stats["coarse_newton_iterations"]
+    assert n_iter >= 6 and sum(rows) < n_iter * 4 * 365 / 3
+    monkeypatch.setattr(solve_mod, "_period_jacobian", real)
+    with torch.no_grad():
+        seq = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False))
+    q_par, q_seq = par.discharge, seq.discharge
+    assert float(((q_par - q_seq).abs() / (1e-3 + 1e-3 * q_seq.abs())).max()) < 1.0
+
+
 def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
     """A Newton replay keeps every step for its Jacobians; one that would take more steps
     than the limit (here 0.9 a row, below the one step a row that any replay needs) stops,
