@@ -462,11 +462,9 @@ def _window_rows(basins: torch.Tensor, k0: int, k1: int) -> tuple[torch.Tensor, 
     return basins.repeat(k1 - k0), torch.arange(k0, k1, device=basins.device).repeat_interleave(len(basins))
 
 
-def _iterating(active: torch.Tensor, k0: int, k1: int):
-    """The basins still iterating (``None``: all of them) and their rows' basins and periods."""
-    sel = None if bool(active.all()) else active.nonzero()[:, 0]
-    rows = _window_rows(torch.arange(len(active), device=active.device) if sel is None else sel, k0, k1)
-    return (sel,) + rows
+def _iterating(active: torch.Tensor) -> torch.Tensor | None:
+    """The basins still iterating, ``active`` ``[B]`` (``None``: all of them)."""
+    return None if bool(active.all()) else active.nonzero()[:, 0]
 
 
 def _pick(t: torch.Tensor, sel: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -544,7 +542,7 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, 
                 return g
             maps.update(rows, g_rows, y1, J)
         coarse.n_coarse += 1
-        sel = None if bool((~done).all()) else (~done).nonzero()[:, 0]
+        sel = _iterating(~done)
         xs, gs, ys0 = _pick(x, sel, 1), _pick(g, sel, 1), _pick(y_start, sel, 0)
         new = _newton_update(_pick(maps.J, sel, 1), _pick(maps.y1, sel, 1), _pick(maps.at, sel, 1), ys0)
         bad = ~torch.isfinite(new).all(dim=2).all(dim=0)  # [Bs]
@@ -574,8 +572,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     solved with a parallel affine scan. After i iterations the first i periods are
     exact, so the method cannot do worse than the sequential solve in iterations;
     in practice a few iterations reach the solver's tolerance. Without a warm start the
-    first guess comes from the same iteration on cheap maps (:func:`_coarse_guess`), and
-    each basin stops iterating once converged. The result is one more replay at the last
+    first guess comes from the same iteration on cheap maps (:func:`_coarse_guess`),
+    each basin stops iterating once converged, and later iterations replay only the
+    periods whose start moved (:class:`_MapCache`). The result is one more replay at the last
     update, with the steps the backward pass will replay. Windows of at most
     ``max_rows`` rows run one after another, so memory does not grow with the record;
     a window that has not converged after ``max_newton`` iterations keeps its converged
@@ -653,7 +652,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 # iterations and the result does not depend on how many iterations the
                 # batch needed (a batch equals its basins solved one by one)
                 dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
-            sel = None if bool(iterating.all()) else iterating.nonzero()[:, 0]
+            sel = _iterating(iterating)
             gs, ys0 = _pick(g, sel, 1), _pick(y_start, sel, 0)
             new = _newton_update(_pick(maps.J, sel, 1), _pick(maps.y1, sel, 1), _pick(maps.at, sel, 1), ys0)
             if first:
