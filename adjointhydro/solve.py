@@ -68,6 +68,11 @@ _CPU_MAX_ROWS = 16384
 # instead: a stiff corner of the parameters (or a poor Newton guess) cannot make the
 # replay's memory grow with the steps.
 _NEWTON_STEPS_PER_ROW = 24
+# A Newton replay is an attempt: a period that needs more steps than this (a guess far
+# from the solution in a stiff corner, or a stiff period) stops it, and the window is
+# solved again from the coarse guess or period by period, where ``max_steps`` applies.
+# One row stepping alone costs about 1 ms a step: 10,000 steps took 13 s in one trial.
+_NEWTON_MAX_STEPS = 500
 _GPU_MAX_ROWS = 1 << 20
 # The parallel forward's first guess comes from Newton on a cheap map: this method, one
 # step per period. From a constant guess, Newton on the dopri5 maps spends most of its
@@ -172,8 +177,10 @@ class Solution:
             also ``parallel_forward`` (periods solved in parallel by Newton's method),
             ``newton_iterations`` and ``coarse_newton_iterations`` (on the method's period
             maps and on the cheap maps of the first guess), ``sequential_windows``
-            (windows solved period by period after Newton failed) and
-            ``work_limited_windows`` (of those, because a replay needed too many steps).
+            (windows solved period by period after Newton failed),
+            ``work_limited_windows`` (Newton attempts stopped because a replay needed too
+            many steps) and ``cold_retries`` (warm-started windows whose Newton
+            iterations failed and that started again from the coarse guess).
     """
 
     stores: torch.Tensor
@@ -261,6 +268,7 @@ class _Problem:
         self.n_newton = 0  # Newton iterations of the parallel forward (dopri5 maps)
         self.n_coarse = 0  # of which on the coarse maps (:func:`_coarse_guess`)
         self.n_work_limited = 0  # of which because their Newton replay needed too many steps
+        self.n_cold_retries = 0  # warm-started windows that failed and were solved from the coarse guess
 
     def rates(self):
         """The model's prepared rate function (:meth:`Model._rate_function`).
@@ -275,7 +283,7 @@ class _Problem:
             self._rates_no_grad = self.model._rate_function()
         return self._rates_no_grad
 
-    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None):
+    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None):
         """Integrate rows over their periods.
 
         ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
@@ -334,8 +342,8 @@ class _Problem:
             return rate
 
         y1, q, dt, dt_start, it, ne = _rk.integrate_period(
-            flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step, self.max_steps,
-            max_work,
+            flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step,
+            self.max_steps if max_steps is None else min(self.max_steps, max_steps), max_work,
         )
         self.n_evals += ne
         self.n_iterations += it
@@ -377,7 +385,7 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
 
 
 def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False,
-                     max_work=None):
+                     max_work=None, max_steps=None):
     """Period maps of many rows and their exact Jacobians, from one replay and one batched reverse pass.
 
     Returns ``(y1, q, dt_start, J, v, dt_next)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
@@ -395,7 +403,7 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
         y_in = y_rows.detach().requires_grad_(True)
         if not keep_graph:
             fvals, params = fvals.detach(), params.detach()
-        y1, q1, dt_next, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring, max_work)
+        y1, q1, dt_next, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring, max_work, max_steps)
         eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
         cy = eye[:, None, :].expand(n, R, n)
         cq = torch.zeros((n,) + q1.shape, dtype=q1.dtype, device=q1.device)
@@ -593,21 +601,24 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     coarse = _coarse_problem(prob) if guess is None else None
     dt_in = None  # the first period's proposed steps: the previous window's last proposal
     carry = None  # unconverged tail of the previous window: a better guess than y_start
+    cold = False  # this window once more from the coarse guess: its warm start failed
     while k0 < T:
         k1 = min(T, k0 + C)
         c = k1 - k0
         R = c * B
-        if guess is not None:
+        warm = guess is not None and not cold
+        if warm:
             g = guess[:, k0:k1].transpose(0, 1).clone()
         else:
             g = y_start[None].expand(c, B, n).clone()
-        if carry is not None:
+        if carry is not None and not cold:
             g[: min(c, carry.shape[0])] = carry[:c]
         g[0] = y_start
-        if coarse is not None:
+        if not warm:
+            coarse = coarse or _coarse_problem(prob)
             g = _coarse_guess(coarse, g, y_start, fvals, params, k0, wiring, max_newton)
         accepted = 0
-        first = guess_dt is None
+        first = guess_dt is None or not warm
         if first:
             # a whole period as the first proposal (the steps of ordinary days); the window's
             # first period continues from the previous window (NaN: the solver chooses)
@@ -634,7 +645,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                     y1, q1, dt_start, J, _, dt_next = _period_jacobian(
                         prob, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
                         dt_prop.view(c, B)[rows[:, 0], rows[:, 1]], wiring,
-                        max_work=_NEWTON_STEPS_PER_ROW * len(rows),
+                        max_work=_NEWTON_STEPS_PER_ROW * len(rows), max_steps=_NEWTON_MAX_STEPS,
                     )
                 except _rk.StepFailure as e:
                     # a Newton guess the solver cannot integrate (e.g. far outside the
@@ -699,6 +710,15 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 dt_next = dt_next.view(accepted, B)
             except _rk.StepFailure:
                 failed = True
+        if (failed or accepted == 0) and warm:
+            # the previous solve's trajectory can be a poor guess for new parameters (an
+            # L-BFGS trial far from the last iterate): in a stiff corner, its replays took
+            # over 10,000 steps a period, and the window period by period 14-19 s where
+            # the coarse guess needs 0.3 s. Once more from the coarse guess, then period by period.
+            cold = True
+            prob.n_cold_retries += 1
+            continue
+        cold = False
         if failed or accepted == 0:
             # this window period by period (which reports a real failure with its basin
             # and date); later windows go on in parallel. Falling back for the whole
@@ -1190,5 +1210,6 @@ def solve(
             "coarse_newton_iterations": prob.n_coarse,
             "sequential_windows": prob.n_sequential_windows,
             "work_limited_windows": prob.n_work_limited,
+            "cold_retries": prob.n_cold_retries,
         },
     )

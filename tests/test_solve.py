@@ -218,6 +218,23 @@ def test_later_newton_iterations_replay_only_the_periods_that_moved(monkeypatch)
     assert float(((q_par - q_seq).abs() / (1e-3 + 1e-3 * q_seq.abs())).max()) < 1.0
 
 
+def test_a_warm_start_that_fails_is_retried_from_the_coarse_guess():
+    """A training loop's warm start can be a poor guess for new parameters (an L-BFGS trial
+    far from the last iterate). Where its Newton iterations fail, the window starts again
+    from the coarse guess instead of being solved period by period, with the same result."""
+    torch.manual_seed(0)
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(2, 365, seed=4)
+    with torch.no_grad():
+        cold = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, warm_start=False))
+        sens = CheckpointedAdjoint(parallel_forward=True)
+        sens._cache["stores"] = torch.full_like(cold.stores, float("nan"))  # a guess that cannot be integrated
+        sens._cache["dt"] = torch.ones(2, 365, dtype=torch.float64)
+        warm = solve(model, forcing, sensitivity=sens)
+    assert warm.stats["cold_retries"] >= 1 and warm.stats["sequential_windows"] == 0
+    torch.testing.assert_close(warm.discharge, cold.discharge, rtol=1e-12, atol=1e-12)
+
+
 def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
     """A Newton replay keeps every step for its Jacobians; one that would take more steps
     than the limit (here 0.9 a row, below the one step a row that any replay needs) stops,
