@@ -267,7 +267,7 @@ class _Problem:
         self.n_sequential_windows = 0  # windows of the parallel forward solved period by period
         self.n_newton = 0  # Newton iterations of the parallel forward (dopri5 maps)
         self.n_coarse = 0  # of which on the coarse maps (:func:`_coarse_guess`)
-        self.n_work_limited = 0  # of which because their Newton replay needed too many steps
+        self.n_work_limited = 0  # Newton attempts stopped because a replay needed too many steps
         self.n_cold_retries = 0  # warm-started windows that failed and were solved from the coarse guess
 
     def rates(self):
@@ -483,6 +483,12 @@ def _put(t: torch.Tensor, sel: torch.Tensor | None, dim: int, part: torch.Tensor
     return part if sel is None else t.index_copy(dim, sel, part)
 
 
+def _newton_tol(prob: _Problem, y: torch.Tensor) -> torch.Tensor:
+    """Convergence threshold of a Newton update of the starts ``y``: well below the solver
+    tolerance (below that the maps move with the step-size decisions)."""
+    return 0.05 * (prob.atol + prob.rtol * y.abs()) + 1e-11 * (1.0 + y.abs())
+
+
 class _MapCache:
     """Each row's period map value and Jacobian, and the start they were evaluated at (Newton iterations).
 
@@ -510,6 +516,15 @@ class _MapCache:
         self.at[k, b] = g_rows
         self.y1[k, b] = y1
         self.J[k, b] = J
+
+    def forget(self, basins: torch.Tensor) -> None:
+        """Evaluate every row of ``basins`` afresh at the next iteration."""
+        self.at[:, basins] = float("nan")
+
+    def newton_update(self, sel: torch.Tensor | None, y_start: torch.Tensor) -> torch.Tensor:
+        """Next guesses ``[c, Bs, n]`` of the basins ``sel`` (:func:`_newton_update` on the kept maps)."""
+        return _newton_update(_pick(self.J, sel, 1), _pick(self.y1, sel, 1), _pick(self.at, sel, 1),
+                              _pick(y_start, sel, 0))
 
 
 def _coarse_problem(prob: _Problem) -> _Problem:
@@ -551,8 +566,8 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, 
             maps.update(rows, g_rows, y1, J)
         coarse.n_coarse += 1
         sel = _iterating(~done)
-        xs, gs, ys0 = _pick(x, sel, 1), _pick(g, sel, 1), _pick(y_start, sel, 0)
-        new = _newton_update(_pick(maps.J, sel, 1), _pick(maps.y1, sel, 1), _pick(maps.at, sel, 1), ys0)
+        xs, gs = _pick(x, sel, 1), _pick(g, sel, 1)
+        new = maps.newton_update(sel, y_start)
         bad = ~torch.isfinite(new).all(dim=2).all(dim=0)  # [Bs]
         new = torch.where(bad[None, :, None], gs, new)
         moved_s = ((new - xs).abs() > coarse.atol + coarse.rtol * new.abs()).any(dim=2) & ~bad  # [c, Bs]
@@ -632,12 +647,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         maps = _MapCache(c, B, n, g)
         for _ in range(max_newton):
             iters += 1
-            # a period is converged when the update of its start is well below the solver
-            # tolerance (below that the maps move with the step-size decisions)
-            tol = 0.05 * (prob.atol + prob.rtol * g.abs()) + 1e-11 * (1.0 + g.abs())
             # only the rows whose start moved are replayed, of the basins still iterating
             # (a converged basin keeps its guess); in the first iteration, every row
-            stale = maps.stale(g, tol, iterating)  # [c, B]
+            stale = maps.stale(g, _newton_tol(prob, g), iterating)  # [c, B]
             rows = stale.nonzero()
             if len(rows):
                 g_rows = g[rows[:, 0], rows[:, 1]]
@@ -664,8 +676,8 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 # batch needed (a batch equals its basins solved one by one)
                 dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
             sel = _iterating(iterating)
-            gs, ys0 = _pick(g, sel, 1), _pick(y_start, sel, 0)
-            new = _newton_update(_pick(maps.J, sel, 1), _pick(maps.y1, sel, 1), _pick(maps.at, sel, 1), ys0)
+            gs = _pick(g, sel, 1)
+            new = maps.newton_update(sel, y_start)
             if first:
                 # the maps just used had the first proposals: every row is evaluated again
                 maps = _MapCache(c, B, n, g)
@@ -673,8 +685,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             if not torch.isfinite(new).all():
                 failed = True
                 break
-            scale = 0.05 * (prob.atol + prob.rtol * new.abs()) + 1e-11 * (1.0 + new.abs())
-            moved_cb = ((new - gs).abs() / scale).amax(dim=2) > 1.0  # [c, Bs]
+            moved_cb = ((new - gs).abs() > _newton_tol(prob, new)).any(dim=2)  # [c, Bs]
             # a basin that converged on kept maps iterates once more with all of them fresh:
             # a kept map is off by more than its linearisation where the step-size
             # decisions differ, and converged must mean converged on the real maps (else
@@ -682,8 +693,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             stay = moved_cb.any(dim=0)  # [Bs]
             unchecked = ~stay & ~_pick(stale.all(dim=0), sel, 0)
             if bool(unchecked.any()):
-                ub = unchecked.nonzero()[:, 0] if sel is None else sel[unchecked]
-                maps.at[:, ub] = float("nan")
+                maps.forget(unchecked.nonzero()[:, 0] if sel is None else sel[unchecked])
             # a basin takes its last update and then stops: its result does not depend on
             # the other basins of the batch (nor on how many iterations they needed)
             g = _put(g, sel, 1, new)
