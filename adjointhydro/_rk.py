@@ -129,6 +129,7 @@ def integrate_period(
     fixed_step: float | None,
     max_steps: int,
     max_work: int | None = None,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Integrate every row over one period of length ``span``.
 
@@ -147,6 +148,11 @@ def integrate_period(
         max_work: row-steps all rows together may take (None: no limit); beyond it
             :class:`StepFailure` with reason ``"work limit"``. It bounds the memory of a
             replay under autograd, which keeps every step.
+        groups: the rows are ``groups`` copies of ``rows // groups`` base rows (copy-major:
+            row ``i`` of copy ``g`` is row ``g * (rows // groups) + i``). Every copy takes
+            the steps its base row (copy 0) takes, so that the copies, started from
+            perturbed stores, are the same discrete map as the base row: their
+            differences are finite-difference Jacobians of that map.
 
     Rows that have finished the period drop out of the work: once fewer than half the
     rows are still stepping, only those are evaluated (a storm day in one basin, or
@@ -181,6 +187,8 @@ def integrate_period(
                 h0 = _initial_step(f_all, wt, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
             dt0 = h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
             n_evals += 1 if k_first is not None else 2
+            if groups > 1:
+                dt0 = dt0.view(groups, -1)[0].repeat(groups)
         h_prop = dt0.to(dtype).clamp(max=span)
     else:
         h_prop = torch.full((rows,), float(fixed_step or span), dtype=dtype, device=device)
@@ -246,6 +254,10 @@ def integrate_period(
                 ex = wx @ ((coef["e"] @ K).view(m, -1) * h)
                 scale = torch.maximum(xs.abs(), x_new.abs()).mul_(rtol).add_(atol)
                 r2 = ex.div_(scale).square_().mean(dim=0)  # mean square of the scaled error
+                if groups > 1:
+                    # the base row's error decides for its copies (non-finite if any copy is)
+                    r2g = r2.view(groups, -1)
+                    r2 = torch.where(torch.isfinite(r2g).all(dim=0), r2g[0], float("nan")).repeat(groups)
                 # a non-finite state makes the error non-finite: never accepted
                 finite = torch.isfinite(r2)
                 accept = (r2 <= 1.0) | ((h <= min_h) & finite)

@@ -11,7 +11,8 @@ arguments. Three sensitivities:
 * :class:`CheckpointedAdjoint` -- the forward pass keeps the stores at every
   period boundary (one state vector per checkpoint) and nothing else (for small
   batches on a CPU, and any batch on a GPU, it solves all periods of a window in
-  parallel by Newton's method on the period maps, see :func:`_forward_parallel`); the
+  parallel by Newton's method on the period maps, with finite-difference Jacobians,
+  see :func:`_forward_parallel`); the
   backward pass recomputes the periods from these checkpoints. Periods are
   recomputed many at a time as parallel rows, once each, with a graph; the adjoint
   is carried from period to period with the exact Jacobian of each period's solution
@@ -59,14 +60,13 @@ NATIVE_METHODS = tuple(_rk.TABLEAUS)
 # Up to this many basins, solving periods in parallel (Newton forward, Jacobian-scan
 # backward) beats period-by-period work: per-step overhead dominates small batches,
 # arithmetic dominates large ones (see docs/benchmarks.md).
-_PARALLEL_MAX_BASINS = 16
+_PARALLEL_MAX_BASINS = 32
 # (since freed chunks stay mapped (_malloc), larger chunks pay on a CPU: fewer replays
 # and reverse passes of fixed cost; about 150 MB at most, docs/benchmarks.md)
 _CPU_MAX_ROWS = 16384
-# A Newton replay keeps every step of every row for its Jacobians. Beyond this many steps
-# a row on average (about 1.2 on ordinary days), the window is solved period by period
-# instead: a stiff corner of the parameters (or a poor Newton guess) cannot make the
-# replay's memory grow with the steps.
+# Beyond this many steps a row on average in a Newton replay (about 1.2 on ordinary
+# days), the window is solved period by period instead: a stiff corner of the parameters
+# (or a poor Newton guess) cannot make one iteration cost more than a sequential solve.
 _NEWTON_STEPS_PER_ROW = 24
 # A Newton replay is an attempt: a period that needs more steps than this (a guess far
 # from the solution in a stiff corner, or a stiff period) stops it, and the window is
@@ -115,7 +115,7 @@ class CheckpointedAdjoint:
             length. ``None``: 16,384 on a CPU, 2**20 on a GPU (where wide batches cost
             little more than narrow ones; about 1 GB for 256 basins x 1 year).
         parallel_forward: solve the periods of a window in parallel by Newton's method
-            (``None``: on a GPU always, on a CPU for batches of at most 16 basins, where
+            (``None``: on a GPU always, on a CPU for batches of at most 32 basins, where
             per-step overhead dominates); falls back to the sequential solve if Newton
             does not converge.
         max_newton: Newton iterations per window before falling back.
@@ -283,7 +283,7 @@ class _Problem:
             self._rates_no_grad = self.model._rate_function()
         return self._rates_no_grad
 
-    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None):
+    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None, groups=1):
         """Integrate rows over their periods.
 
         ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
@@ -343,7 +343,7 @@ class _Problem:
 
         y1, q, dt, dt_start, it, ne = _rk.integrate_period(
             flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step,
-            self.max_steps if max_steps is None else min(self.max_steps, max_steps), max_work,
+            self.max_steps if max_steps is None else min(self.max_steps, max_steps), max_work, groups,
         )
         self.n_evals += ne
         self.n_iterations += it
@@ -437,21 +437,70 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
     return y1.detach(), q1.detach(), dt_start, J, v, dt_next
 
 
+def _period_fd_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, max_work=None,
+                        max_steps=None):
+    """Period maps of many rows and finite-difference Jacobians of them, without autograd.
+
+    Each row is solved with ``n`` copies, store ``j`` of copy ``j`` moved by a relative
+    1e-7 (about the square root of float64's precision), all taking the base row's
+    steps (``groups`` of :func:`_rk.integrate_period`): the differences are of one
+    smooth discrete map. Newton's iterations need the Jacobian only to converge (their
+    fixed point is the map's, whatever the Jacobian); without a graph and a reverse pass
+    a replay costs about half as much where per-operation overhead dominates.
+    Returns ``(y1, q, dt_start, J, dt_next)`` for the base rows, as :func:`_period_jacobian`.
+    """
+    R, n = y_rows.shape
+    g = n + 1
+    eps = torch.finfo(y_rows.dtype).eps ** 0.5
+    hstep = eps * y_rows.abs().clamp(min=1.0)  # [R, n]
+    eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
+    y_all = torch.cat([y_rows[None], y_rows[None] + eye[:, None, :] * hstep[None]]).reshape(g * R, n)
+    b_all = None if b_idx is None else b_idx.repeat(g)
+    k_all = k_idx.repeat(g) if isinstance(k_idx, torch.Tensor) else k_idx
+    dt_all = None if dt is None else dt.repeat(g)
+    with torch.no_grad():
+        y1, q1, dt_next, dt_start = prob.period(y_all, fvals, params, b_all, k_all, dt_all, wiring,
+                                                None if max_work is None else max_work * g, max_steps, groups=g)
+    y1 = y1.view(g, R, n)
+    J = ((y1[1:] - y1[:1]) / hstep.t()[:, :, None]).permute(1, 2, 0)  # [R, i, j] = dy1_i / dy0_j
+    return y1[0], q1[:R], dt_start[:R], J, dt_next[:R]
+
+
 def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-    """States of ``y[k+1] = A[k] y[k] + b[k]`` for k = 0..C-1, in log2(C) parallel steps.
+    """States of ``y[k+1] = A[k] y[k] + b[k]`` for k = 0..C-1, in about 2 log2(C) parallel steps.
 
     ``A`` ``[C, B, n, n]``, ``b`` ``[C, B, n]``, ``y0`` ``[B, n]``; returns ``[C, B, n]``.
-    (Hillis-Steele prefix composition of the affine maps.)
     """
-    C = A.shape[0]
-    d = 1
-    while d < C:
-        A_tail = A[d:] @ A[:-d]
-        b_tail = (A[d:] @ b[:-d, ..., None])[..., 0] + b[d:]
-        A = torch.cat([A[:d], A_tail])
-        b = torch.cat([b[:d], b_tail])
-        d *= 2
-    return (A @ y0[None, ..., None])[..., 0] + b
+    # planar [n, n, C, B]: a product of the small (n x n) maps is a few elementwise
+    # operations over contiguous planes, 2-4x faster than batched matmuls of 2x2 matrices
+    y = _scan_planar(A.permute(2, 3, 0, 1).contiguous(), b.permute(2, 0, 1).contiguous(), y0.t())
+    return y.permute(1, 2, 0)
+
+
+def _scan_planar(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+    """:func:`_affine_scan` on planar ``A`` ``[n, n, C, B]``, ``b`` ``[n, C, B]``, ``y0`` ``[n, B]``: ``[n, C, B]``.
+
+    Recursive pairing (work proportional to C, where prefix doubling takes C log2 C): the
+    maps of periods 2i and 2i+1 are composed, the half-length recurrence gives the states
+    after the odd periods, and one more step each the states after the even ones.
+    """
+    C = A.shape[2]
+    if C <= 8:
+        ys, y = [], y0
+        for k in range(C):
+            y = (A[:, :, k] * y[None]).sum(1) + b[:, k]
+            ys.append(y)
+        return torch.stack(ys, 1)
+    h = C // 2
+    A_even, A_odd = A[:, :, 0:2 * h:2], A[:, :, 1:2 * h:2]
+    b_even, b_odd = b[:, 0:2 * h:2], b[:, 1:2 * h:2]
+    y_odd = _scan_planar((A_odd[:, :, None] * A_even[None]).sum(1), (A_odd * b_even[None]).sum(1) + b_odd, y0)
+    starts = torch.cat([y0[:, None], y_odd[:, : (C + 1) // 2 - 1]], 1)  # of periods 0, 2, 4, ...
+    y_even = (A[:, :, 0::2] * starts[None]).sum(1) + b[:, 0::2]
+    out = torch.empty((A.shape[0], C, A.shape[3]), dtype=A.dtype, device=A.device)
+    out[:, 0::2] = y_even
+    out[:, 1::2] = y_odd
+    return out
 
 
 def _newton_update(M: torch.Tensor, y1: torch.Tensor, g: torch.Tensor, y_start: torch.Tensor) -> torch.Tensor:
@@ -504,22 +553,32 @@ class _MapCache:
         self.at = torch.full((c, B, n), float("nan"), dtype=like.dtype, device=like.device)  # NaN: never
         self.y1 = torch.zeros((c, B, n), dtype=like.dtype, device=like.device)
         self.J = torch.zeros((c, B, n, n), dtype=like.dtype, device=like.device)
+        self.rechecks = torch.zeros(B, dtype=torch.bool, device=like.device)
 
     def stale(self, g: torch.Tensor, tol: torch.Tensor, iterating: torch.Tensor) -> torch.Tensor:
         """``[c, B]``: rows of iterating basins whose start ``g`` moved beyond ``tol`` (or never evaluated)."""
         far = ((g - self.at).abs() > tol).any(dim=2) | torch.isnan(self.at[..., 0])
         return far & iterating[None, :]
 
-    def update(self, rows: torch.Tensor, g_rows: torch.Tensor, y1: torch.Tensor, J: torch.Tensor) -> None:
-        """Store the maps of ``rows`` ``[r, 2]`` (period, basin), evaluated at ``g_rows``."""
+    def update(self, rows: torch.Tensor, g_rows: torch.Tensor, y1: torch.Tensor, J: torch.Tensor | None = None) -> None:
+        """Store the maps of ``rows`` ``[r, 2]`` (period, basin), evaluated at ``g_rows``
+        (``J`` ``None``: the values only; the Jacobians from up to ``tol`` away are kept)."""
         k, b = rows[:, 0], rows[:, 1]
         self.at[k, b] = g_rows
         self.y1[k, b] = y1
-        self.J[k, b] = J
+        if J is not None:
+            self.J[k, b] = J
 
-    def forget(self, basins: torch.Tensor) -> None:
-        """Evaluate every row of ``basins`` afresh at the next iteration."""
-        self.at[:, basins] = float("nan")
+    def recheck(self, basins: torch.Tensor) -> None:
+        """Evaluate the values of every row of ``basins`` afresh at the next iteration."""
+        self.rechecks[basins] = True
+
+    def take_rechecks(self, stale: torch.Tensor, iterating: torch.Tensor) -> torch.Tensor:
+        """``[c, B]``: the rows to re-evaluate (values only) in this iteration, of basins marked
+        by :meth:`recheck` that are still iterating and not ``stale`` (replayed anyway)."""
+        rows = (self.rechecks & iterating)[None, :] & ~stale
+        self.rechecks[:] = False
+        return rows
 
     def newton_update(self, sel: torch.Tensor | None, y_start: torch.Tensor) -> torch.Tensor:
         """Next guesses ``[c, Bs, n]`` of the basins ``sel`` (:func:`_newton_update` on the kept maps)."""
@@ -537,7 +596,10 @@ def _coarse_problem(prob: _Problem) -> _Problem:
 
 
 def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, max_newton: int):
-    """Newton on the coarse maps of periods ``k0..`` from the guess ``g`` ``[c, B, n]``; the converged trajectory.
+    """Newton on the coarse maps of periods ``k0..`` from the guess ``g`` ``[c, B, n]``.
+
+    Returns the converged trajectory and the coarse maps' Jacobians ``[c, B, n, n]`` there
+    (``None`` unless every basin converged), an estimate of the method's own Jacobians.
 
     Each basin stops iterating once its own periods have converged, so that its guess, and
     with it the steps the dopri5 iterations choose, is the same as when the basin is solved
@@ -559,10 +621,10 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, 
         if len(rows):
             g_rows = x[rows[:, 0], rows[:, 1]]
             try:
-                y1, _, _, J, _, _ = _period_jacobian(coarse, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
+                y1, _, _, J, _ = _period_fd_jacobian(coarse, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
                                                      None, wiring)
             except _rk.StepFailure:
-                return g
+                return g, None
             maps.update(rows, g_rows, y1, J)
         coarse.n_coarse += 1
         sel = _iterating(~done)
@@ -575,7 +637,7 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, 
         done = _put(done, sel, 0, bad | ~moved_s.any(dim=0))
         moved_cb = _put(moved_cb, sel, 1, moved_s)
         if bool(done.all()):
-            return x
+            return x, (maps.J if bool(torch.isfinite(maps.J).all()) else None)
     # not converged everywhere: a basin keeps the prefix that has (the periods before the
     # first that still moved, which are exact), and that prefix's last state after it. In a
     # stiff corner of Leaf River (f = 1e-4, Smax = 2000, Qmax = 50) this took a 2-year
@@ -583,14 +645,14 @@ def _coarse_guess(coarse: _Problem, g, y_start, fvals, params, k0: int, wiring, 
     first = torch.where(moved_cb.any(dim=0), moved_cb.float().argmax(dim=0), c)  # [B]
     k = torch.arange(c, device=g.device)[:, None]
     held = x.gather(0, torch.minimum(k, (first - 1).clamp(min=0)[None, :])[..., None].expand(c, B, n))
-    return torch.where(done[None, :, None], x, held)
+    return torch.where(done[None, :, None], x, held), None
 
 
 def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, max_newton: int, guess=None,
                      guess_dt=None):
     """Parallel-in-time forward solve: Newton on the period maps, all periods of a window as rows.
 
-    Each period's map y[k+1] = Phi_k(y[k]) and its Jacobian (:func:`_period_jacobian`) are
+    Each period's map y[k+1] = Phi_k(y[k]) and its Jacobian (:func:`_period_fd_jacobian`) are
     evaluated for all periods of a window at once; the linearised recurrence is
     solved with a parallel affine scan. After i iterations the first i periods are
     exact, so the method cannot do worse than the sequential solve in iterations;
@@ -631,7 +693,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         g[0] = y_start
         if not warm:
             coarse = coarse or _coarse_problem(prob)
-            g = _coarse_guess(coarse, g, y_start, fvals, params, k0, wiring, max_newton)
+            g, coarse_J = _coarse_guess(coarse, g, y_start, fvals, params, k0, wiring, max_newton)
+        else:
+            coarse_J = None
         accepted = 0
         first = guess_dt is None or not warm
         if first:
@@ -650,23 +714,43 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             # only the rows whose start moved are replayed, of the basins still iterating
             # (a converged basin keeps its guess); in the first iteration, every row
             stale = maps.stale(g, _newton_tol(prob, g), iterating)  # [c, B]
-            rows = stale.nonzero()
-            if len(rows):
-                g_rows = g[rows[:, 0], rows[:, 1]]
-                try:
-                    y1, q1, dt_start, J, _, dt_next = _period_jacobian(
-                        prob, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
-                        dt_prop.view(c, B)[rows[:, 0], rows[:, 1]], wiring,
-                        max_work=_NEWTON_STEPS_PER_ROW * len(rows), max_steps=_NEWTON_MAX_STEPS,
-                    )
-                except _rk.StepFailure as e:
-                    # a Newton guess the solver cannot integrate (e.g. far outside the
-                    # physical states in a stiff corner of the parameters), one that needs
-                    # too many steps to replay with a graph, or a real failure
-                    prob.n_work_limited += e.reason == _rk.WORK_LIMIT
-                    failed = True
-                    break
-                maps.update(rows, g_rows, y1, J)  # J[r,i,j] = dPhi_i/dy_j
+            # and of basins that converged on kept maps, the other rows' values afresh
+            refresh = maps.take_rechecks(stale, iterating)  # [c, B]
+            try:
+                if first and coarse_J is not None:
+                    # the first replay finds each period's first step (below): its values
+                    # with the coarse maps' Jacobians give the first update, at a third of
+                    # the cost of finite differences, as every row is evaluated again after it
+                    rows = stale.nonzero()
+                    y1, q1, dt_next, dt_start = prob.period(
+                        g.reshape(R, n), fvals, params, rows[:, 1], k0 + rows[:, 0], dt_prop, wiring,
+                        _NEWTON_STEPS_PER_ROW * R, _NEWTON_MAX_STEPS)
+                    maps.update(rows, g.reshape(R, n), y1, coarse_J.reshape(R, n, n))
+                else:
+                    rows = stale.nonzero()
+                    if len(rows):
+                        g_rows = g[rows[:, 0], rows[:, 1]]
+                        y1, q1, dt_start, J, dt_next = _period_fd_jacobian(
+                            prob, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
+                            dt_prop.view(c, B)[rows[:, 0], rows[:, 1]], wiring,
+                            max_work=_NEWTON_STEPS_PER_ROW * len(rows), max_steps=_NEWTON_MAX_STEPS,
+                        )
+                        maps.update(rows, g_rows, y1, J)  # J[r,i,j] = dPhi_i/dy_j
+                    rrows = refresh.nonzero()
+                    if len(rrows):
+                        g_rows = g[rrows[:, 0], rrows[:, 1]]
+                        y1r, _, _, _ = prob.period(
+                            g_rows, fvals, params, rrows[:, 1], k0 + rrows[:, 0],
+                            dt_prop.view(c, B)[rrows[:, 0], rrows[:, 1]], wiring,
+                            _NEWTON_STEPS_PER_ROW * len(rrows), _NEWTON_MAX_STEPS)
+                        maps.update(rrows, g_rows, y1r)
+            except _rk.StepFailure as e:
+                # a Newton guess the solver cannot integrate (e.g. far outside the
+                # physical states in a stiff corner of the parameters), one that needs
+                # too many steps to replay, or a real failure
+                prob.n_work_limited += e.reason == _rk.WORK_LIMIT
+                failed = True
+                break
             if first:  # (all rows replayed in the first iteration, in [period, basin] order)
                 dts = dt_start.view(c, B)
                 # later iterations: each period starts with the step its predecessor proposed
@@ -686,14 +770,14 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 failed = True
                 break
             moved_cb = ((new - gs).abs() > _newton_tol(prob, new)).any(dim=2)  # [c, Bs]
-            # a basin that converged on kept maps iterates once more with all of them fresh:
-            # a kept map is off by more than its linearisation where the step-size
+            # a basin that converged on kept maps iterates once more with the values of all
+            # of them fresh: a kept map is off by more than its linearisation where the step-size
             # decisions differ, and converged must mean converged on the real maps (else
             # the loss's slope is not the gradient: an L-BFGS test went off course)
             stay = moved_cb.any(dim=0)  # [Bs]
-            unchecked = ~stay & ~_pick(stale.all(dim=0), sel, 0)
+            unchecked = ~stay & ~_pick((stale | refresh).all(dim=0), sel, 0)
             if bool(unchecked.any()):
-                maps.forget(unchecked.nonzero()[:, 0] if sel is None else sel[unchecked])
+                maps.recheck(unchecked.nonzero()[:, 0] if sel is None else sel[unchecked])
             # a basin takes its last update and then stops: its result does not depend on
             # the other basins of the batch (nor on how many iterations they needed)
             g = _put(g, sel, 1, new)
@@ -770,26 +854,25 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
         # (kernel launches): there, solve the periods in parallel
         small = B <= _PARALLEL_MAX_BASINS or y0.device.type == "cuda"
         parallel = small and fvals.shape[1] > 1 and prob.tab.e is not None
-    if torch.is_inference_mode_enabled():
-        parallel = False  # the Newton iterations need autograd, which inference mode forbids
-    # (the Newton Jacobians need autograd, which autograd.Function.forward switches off: hence out here)
+    # inference mode: about 15% less overhead per operation than no_grad (neither pass
+    # needs autograd: the Newton Jacobians are finite differences); the results are cloned
+    # out of it, as the backward pass saves them
     with torch.no_grad():
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
-        if parallel:
-            guess = sens._cache.get("stores") if sens.warm_start else None
-            guess_dt = sens._cache.get("dt") if sens.warm_start else None
+        guess = guess_dt = None
+        if parallel and sens.warm_start:
+            guess, guess_dt = sens._cache.get("stores"), sens._cache.get("dt")
             if guess is not None and guess.shape != (B, fvals.shape[1] + 1, y0.shape[1]):
                 guess = guess_dt = None
-            out = _forward_parallel(
-                prob, y0d, fd, pd, wiring, _max_rows(sens, y0.device), sens.max_newton, guess, guess_dt
-            )
-            prob.parallel = True  # (a window that fails is solved period by period inside)
-        else:
-            # inference mode: about 15% less overhead per operation than no_grad; the
-            # results are cloned out of it, as the backward pass saves them
-            with torch.inference_mode():
+        with torch.inference_mode():
+            if parallel:
+                out = _forward_parallel(
+                    prob, y0d, fd, pd, wiring, _max_rows(sens, y0.device), sens.max_newton, guess, guess_dt
+                )
+                prob.parallel = True  # (a window that fails is solved period by period inside)
+            else:
                 out = _forward_sequential(prob, y0d, fd, pd, wiring)[:3]
-            out = tuple(t.clone() for t in out)
+        out = tuple(t.clone() for t in out)
     if sens.warm_start:
         sens._cache["stores"] = out[0]
         sens._cache["dt"] = out[2]

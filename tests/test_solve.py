@@ -132,14 +132,14 @@ def test_parallel_forward_falls_back_period_by_period_for_one_window_only(monkey
     # max_rows 80 = 20 periods x 2 basins x 2 stores per window: 6 windows
     sens = dict(max_rows=80, warm_start=False)
     ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, **sens))
-    real = solve_mod._period_jacobian
+    real = solve_mod._period_fd_jacobian
 
     def failing(prob, y_rows, fvals, params, b_idx, k_idx, *a, **k):
         if (int(k_idx.min()), int(k_idx.max())) == (20, 39):  # the second window of the forward
             raise rk.StepFailure(0, 0.0, "simulated: a Newton guess the solver cannot integrate")
         return real(prob, y_rows, fvals, params, b_idx, k_idx, *a, **k)
 
-    monkeypatch.setattr(solve_mod, "_period_jacobian", failing)
+    monkeypatch.setattr(solve_mod, "_period_fd_jacobian", failing)
     sol = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
     assert sol.stats["parallel_forward"] and sol.stats["sequential_windows"] == 1
     # (Newton converges to well below the solver tolerance of 1e-3, not to rounding)
@@ -200,18 +200,18 @@ def test_later_newton_iterations_replay_only_the_periods_that_moved(monkeypatch)
     model = exphydro_m50(hidden=(8, 8))
     forcing = synthetic_forcing(1, 4 * 365, seed=5)
     rows = []
-    real = solve_mod._period_jacobian
+    real = solve_mod._period_fd_jacobian
 
     def counting(prob, y_rows, *a, **k):
         rows.append(y_rows.shape[0])
         return real(prob, y_rows, *a, **k)
 
-    monkeypatch.setattr(solve_mod, "_period_jacobian", counting)
+    monkeypatch.setattr(solve_mod, "_period_fd_jacobian", counting)
     with torch.no_grad():
         par = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, warm_start=False))
     n_iter = par.stats["newton_iterations"] + par.stats["coarse_newton_iterations"]
     assert n_iter >= 6 and sum(rows) < n_iter * 4 * 365 / 3
-    monkeypatch.setattr(solve_mod, "_period_jacobian", real)
+    monkeypatch.setattr(solve_mod, "_period_fd_jacobian", real)
     with torch.no_grad():
         seq = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False))
     q_par, q_seq = par.discharge, seq.discharge
@@ -256,6 +256,66 @@ def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
     (g_ref,) = torch.autograd.grad(ref.discharge.sum(), [w])
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_affine_scan_equals_the_recurrence(n):
+    """The parallel scan of the Newton updates and of the adjoint: every length (odd,
+    even, below and above the sequential base case) gives the sequential recurrence."""
+    import sys
+    scan = sys.modules["adjointhydro.solve"]._affine_scan
+    gen = torch.Generator().manual_seed(n)
+    for C in list(range(1, 20)) + [37, 64, 365]:
+        A = torch.rand(C, 3, n, n, generator=gen, dtype=torch.float64) * (1.6 / n)
+        b = torch.randn(C, 3, n, generator=gen, dtype=torch.float64)
+        y = torch.randn(3, n, generator=gen, dtype=torch.float64)
+        out = scan(A, b, y)
+        for k in range(C):
+            y = (A[k] @ y[..., None])[..., 0] + b[k]
+            torch.testing.assert_close(out[k], y, rtol=1e-12, atol=1e-12)
+
+
+def test_newton_jacobians_by_finite_differences_match_the_exact_ones(monkeypatch):
+    """The Newton iterations take each period map's Jacobian from copies of the row started
+    at perturbed stores that take the base row's steps: the base rows are the plain replay
+    (to rounding), and the Jacobians agree with the exact ones (one batched reverse pass
+    over a replay with a graph), also on storm days solved in many steps."""
+    import sys
+    solve_mod = sys.modules["adjointhydro.solve"]
+    torch.manual_seed(0)
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(3, 200, seed=2)
+    seen = {}
+    real = solve_mod._CheckpointedSolve.forward
+
+    def capture(ctx, prob, sens, Y, Q, DT, y0, params, fvals, *w):
+        seen.update(prob=prob, Y=Y, DT=DT, params=params, fvals=fvals)
+        return real(ctx, prob, sens, Y, Q, DT, y0, params, fvals, *w)
+
+    monkeypatch.setattr(solve_mod._CheckpointedSolve, "forward", staticmethod(capture))
+    solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False))
+    prob, Y, DT = seen["prob"], seen["Y"], seen["DT"]
+    B, T = DT.shape
+    rows = Y[:, :-1].transpose(0, 1).reshape(T * B, -1)
+    b_idx, k_idx = torch.arange(B).repeat(T), torch.arange(T).repeat_interleave(B)
+    dt = DT.transpose(0, 1).reshape(-1)
+    args = (prob, rows, seen["fvals"], seen["params"], b_idx, k_idx, dt, model.wiring_matrix)
+    it0 = prob.n_iterations
+    with torch.no_grad():
+        y1, q, dt_next, dt_start = prob.period(*args[1:])
+    steps_plain = prob.n_iterations - it0
+    it0 = prob.n_iterations
+    y1_fd, q_fd, dt_start_fd, J_fd, dt_next_fd = solve_mod._period_fd_jacobian(*args)
+    assert prob.n_iterations - it0 == steps_plain >= 2  # (storm days take several steps)
+    for a, b in [(y1_fd, y1), (q_fd, q), (dt_start_fd, dt_start), (dt_next_fd, dt_next)]:
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)  # (to rounding: wider products)
+    _, _, _, J, _, _ = solve_mod._period_jacobian(*args)
+    assert J_fd.shape == J.shape == (T * B, 2, 2)
+    # to the accuracy of a one-sided difference: rounding of a 1,700 mm soil store over a
+    # 1.5e-8 mm move of an empty snow store is 3e-5; copies that chose their own steps
+    # would be off by the local error over the move, orders of magnitude more
+    torch.testing.assert_close(J_fd, J, rtol=1e-5, atol=1e-4)
+    assert float(J[:, 0, 0].min()) < 0.99  # (melt: the Jacobians are not all trivial)
 
 # ------------------------------------------------------------------ mass balance
 @pytest.mark.parametrize("factory", [exphydro, lambda: exphydro_m50(), reservoir_cascade])
