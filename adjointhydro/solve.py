@@ -466,6 +466,27 @@ def _period_fd_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt,
     return y1[0], q1[:R], dt_start[:R], J, dt_next[:R]
 
 
+def _newton_replay(prob: _Problem, g, rows, dt_prop, k0: int, fvals, params, wiring, jacobians: bool):
+    """The period maps of the Newton rows ``rows`` ``[r, 2]`` (period in the window, basin) at
+    their starts in ``g`` ``[c, B, n]``, with the proposed first steps ``dt_prop`` ``[c, B]``.
+
+    Returns ``(g_rows, y1, q, dt_start, J, dt_next)``; ``J`` (finite differences,
+    :func:`_period_fd_jacobian`) is ``None`` without ``jacobians``. A replay stops
+    (:class:`_rk.StepFailure`) beyond :data:`_NEWTON_STEPS_PER_ROW` steps a row on average
+    or :data:`_NEWTON_MAX_STEPS` in one period.
+    """
+    k, b = rows[:, 0], rows[:, 1]
+    g_rows = g[k, b]
+    args = (prob, g_rows, fvals, params, b, k0 + k, dt_prop[k, b], wiring)
+    work = _NEWTON_STEPS_PER_ROW * len(rows)
+    if jacobians:
+        y1, q, dt_start, J, dt_next = _period_fd_jacobian(*args, max_work=work, max_steps=_NEWTON_MAX_STEPS)
+        return g_rows, y1, q, dt_start, J, dt_next
+    with torch.no_grad():
+        y1, q, dt_next, dt_start = prob.period(*args[1:], max_work=work, max_steps=_NEWTON_MAX_STEPS)
+    return g_rows, y1, q, dt_start, None, dt_next
+
+
 def _affine_scan(A: torch.Tensor, b: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
     """States of ``y[k+1] = A[k] y[k] + b[k]`` for k = 0..C-1, in about 2 log2(C) parallel steps.
 
@@ -554,6 +575,18 @@ class _MapCache:
         self.y1 = torch.zeros((c, B, n), dtype=like.dtype, device=like.device)
         self.J = torch.zeros((c, B, n, n), dtype=like.dtype, device=like.device)
         self.rechecks = torch.zeros(B, dtype=torch.bool, device=like.device)
+        # rows whose Jacobian is an estimate (the coarse maps'): their next replay gives values only
+        self.estimated = torch.zeros(c, B, dtype=torch.bool, device=like.device)
+
+    def estimate(self, J: torch.Tensor) -> None:
+        """Take ``J`` ``[c, B, n, n]`` as every row's Jacobian until the row is replayed twice."""
+        self.J = J.clone()
+        self.estimated[:] = True
+
+    def reset_values(self) -> None:
+        """Every row evaluated afresh (new step proposals); Jacobians kept, as estimates."""
+        self.at[:] = float("nan")
+        self.estimated[:] = True
 
     def stale(self, g: torch.Tensor, tol: torch.Tensor, iterating: torch.Tensor) -> torch.Tensor:
         """``[c, B]``: rows of iterating basins whose start ``g`` moved beyond ``tol`` (or never evaluated)."""
@@ -709,6 +742,11 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         failed = False
         iterating = torch.ones(B, dtype=torch.bool, device=y0.device)  # basins not yet converged
         maps = _MapCache(c, B, n, g)
+        if coarse_J is not None:
+            # the coarse maps' Jacobians: each row's first two replays (the first with the
+            # first step proposals, after which every row is evaluated again) give values
+            # only, at a third of the cost of finite differences
+            maps.estimate(coarse_J)
         for _ in range(max_newton):
             iters += 1
             # only the rows whose start moved are replayed, of the basins still iterating
@@ -717,33 +755,27 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             # and of basins that converged on kept maps, the other rows' values afresh
             refresh = maps.take_rechecks(stale, iterating)  # [c, B]
             try:
-                if first and coarse_J is not None:
-                    # the first replay finds each period's first step (below): its values
-                    # with the coarse maps' Jacobians give the first update, at a third of
-                    # the cost of finite differences, as every row is evaluated again after it
-                    rows = stale.nonzero()
-                    y1, q1, dt_next, dt_start = prob.period(
-                        g.reshape(R, n), fvals, params, rows[:, 1], k0 + rows[:, 0], dt_prop, wiring,
-                        _NEWTON_STEPS_PER_ROW * R, _NEWTON_MAX_STEPS)
-                    maps.update(rows, g.reshape(R, n), y1, coarse_J.reshape(R, n, n))
+                rows = stale.nonzero()
+                if first:
+                    # (every row, in [period, basin] order)
+                    g_rows, y1, _, dt_start, J, dt_next = _newton_replay(
+                        prob, g, rows, dt_prop.view(c, B), k0, fvals, params, wiring, coarse_J is None)
+                    maps.update(rows, g_rows, y1, J)
                 else:
-                    rows = stale.nonzero()
-                    if len(rows):
-                        g_rows = g[rows[:, 0], rows[:, 1]]
-                        y1, q1, dt_start, J, dt_next = _period_fd_jacobian(
-                            prob, g_rows, fvals, params, rows[:, 1], k0 + rows[:, 0],
-                            dt_prop.view(c, B)[rows[:, 0], rows[:, 1]], wiring,
-                            max_work=_NEWTON_STEPS_PER_ROW * len(rows), max_steps=_NEWTON_MAX_STEPS,
-                        )
-                        maps.update(rows, g_rows, y1, J)  # J[r,i,j] = dPhi_i/dy_j
-                    rrows = refresh.nonzero()
-                    if len(rrows):
-                        g_rows = g[rrows[:, 0], rrows[:, 1]]
-                        y1r, _, _, _ = prob.period(
-                            g_rows, fvals, params, rrows[:, 1], k0 + rrows[:, 0],
-                            dt_prop.view(c, B)[rrows[:, 0], rrows[:, 1]], wiring,
-                            _NEWTON_STEPS_PER_ROW * len(rrows), _NEWTON_MAX_STEPS)
-                        maps.update(rrows, g_rows, y1r)
+                    # a row whose Jacobian is an estimate is replayed for its value alone, the
+                    # next time with finite differences (three times the work)
+                    for part, fd in ((stale & ~maps.estimated, True), (stale & maps.estimated, False)):
+                        prow = part.nonzero()
+                        if len(prow):
+                            g_rows, y1, _, _, J, _ = _newton_replay(
+                                prob, g, prow, dt_prop.view(c, B), k0, fvals, params, wiring, fd)
+                            maps.update(prow, g_rows, y1, J)
+                    maps.estimated &= ~stale
+                rrows = refresh.nonzero()
+                if len(rrows):
+                    g_rows, y1, _, _, _, _ = _newton_replay(prob, g, rrows, dt_prop.view(c, B), k0, fvals, params,
+                                                            wiring, False)
+                    maps.update(rrows, g_rows, y1)  # (values only)
             except _rk.StepFailure as e:
                 # a Newton guess the solver cannot integrate (e.g. far outside the
                 # physical states in a stiff corner of the parameters), one that needs
@@ -764,7 +796,10 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             new = maps.newton_update(sel, y_start)
             if first:
                 # the maps just used had the first proposals: every row is evaluated again
-                maps = _MapCache(c, B, n, g)
+                if coarse_J is None:
+                    maps = _MapCache(c, B, n, g)
+                else:
+                    maps.reset_values()
                 first = False
             if not torch.isfinite(new).all():
                 failed = True

@@ -144,8 +144,11 @@ def test_calibrate_lbfgs_trial_steps_stay_in_the_trust_region(leaf, monkeypatch)
         return solve(*a, **k)
 
     monkeypatch.setattr(training, "solve", recording_solve)
+    # (12 iterations: in this stiff start the loss is rough at the solver's tolerance, and
+    # after 8 the fit was 0.006 to 0.045 depending on how the solves were made, the
+    # period-by-period one included; after 12, 0.004 to 0.008)
     res = calibrate(model, forcing, q, score_mask=np.arange(120) >= 20, optimizer="lbfgs", n_starts=2,
-                    iterations=8, seed=0)
+                    iterations=12, seed=0)
     raw = torch.stack(seen)  # [solve, row, parameter]
     # every trial lies within the trust radius (4 logit units) of the iterate it was tried
     # from, so two consecutive evaluations are at most 8 apart (without it, this start's
