@@ -575,18 +575,32 @@ class _MapCache:
         self.y1 = torch.zeros((c, B, n), dtype=like.dtype, device=like.device)
         self.J = torch.zeros((c, B, n, n), dtype=like.dtype, device=like.device)
         self.rechecks = torch.zeros(B, dtype=torch.bool, device=like.device)
-        # rows whose Jacobian is an estimate (the coarse maps'): their next replay gives values only
-        self.estimated = torch.zeros(c, B, dtype=torch.bool, device=like.device)
+        # rows whose Jacobian is an estimate (the coarse maps'), and those of them replayed for
+        # their value alone since the first iteration
+        self.coarse = torch.zeros(c, B, dtype=torch.bool, device=like.device)
+        self.tried = torch.zeros(c, B, dtype=torch.bool, device=like.device)
 
     def estimate(self, J: torch.Tensor) -> None:
-        """Take ``J`` ``[c, B, n, n]`` as every row's Jacobian until the row is replayed twice."""
+        """Take ``J`` ``[c, B, n, n]`` as every row's Jacobian until finite differences replace it."""
         self.J = J.clone()
-        self.estimated[:] = True
+        self.coarse[:] = True
 
-    def reset_values(self) -> None:
-        """Every row evaluated afresh (new step proposals); Jacobians kept, as estimates."""
-        self.at[:] = float("nan")
-        self.estimated[:] = True
+    def plan(self, stale: torch.Tensor, refresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[c, B]`` masks of the rows to replay with finite differences and for values alone.
+
+        A row with an estimated Jacobian is replayed for its value alone once (a third of the
+        work), then with finite differences. A re-checked row (``refresh``) is replayed for
+        its value, or with finite differences where its Jacobian is still an estimate: the
+        last update before the result, on which the result's accuracy rests (an error of
+        second order in the update), takes every Jacobian from the method's own maps.
+        """
+        cheap = stale & self.coarse & ~self.tried
+        self.tried |= cheap
+        return (stale & ~cheap) | (refresh & self.coarse), cheap | (refresh & ~self.coarse)
+
+    def forget(self, rows: torch.Tensor) -> None:
+        """Evaluate the rows ``rows`` ``[c, B]`` (a mask) afresh at their next iteration."""
+        self.at[rows] = float("nan")
 
     def stale(self, g: torch.Tensor, tol: torch.Tensor, iterating: torch.Tensor) -> torch.Tensor:
         """``[c, B]``: rows of iterating basins whose start ``g`` moved beyond ``tol`` (or never evaluated)."""
@@ -601,6 +615,7 @@ class _MapCache:
         self.y1[k, b] = y1
         if J is not None:
             self.J[k, b] = J
+            self.coarse[k, b] = False
 
     def recheck(self, basins: torch.Tensor) -> None:
         """Evaluate the values of every row of ``basins`` afresh at the next iteration."""
@@ -743,9 +758,9 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
         iterating = torch.ones(B, dtype=torch.bool, device=y0.device)  # basins not yet converged
         maps = _MapCache(c, B, n, g)
         if coarse_J is not None:
-            # the coarse maps' Jacobians: each row's first two replays (the first with the
-            # first step proposals, after which every row is evaluated again) give values
-            # only, at a third of the cost of finite differences
+            # the coarse maps' Jacobians stand in for the first replays of a row, which give
+            # values only (a third of the cost of finite differences): the first iteration's,
+            # which finds the step proposals, and the next one where its start moved
             maps.estimate(coarse_J)
         for _ in range(max_newton):
             iters += 1
@@ -755,27 +770,16 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             # and of basins that converged on kept maps, the other rows' values afresh
             refresh = maps.take_rechecks(stale, iterating)  # [c, B]
             try:
-                rows = stale.nonzero()
-                if first:
-                    # (every row, in [period, basin] order)
-                    g_rows, y1, _, dt_start, J, dt_next = _newton_replay(
-                        prob, g, rows, dt_prop.view(c, B), k0, fvals, params, wiring, coarse_J is None)
-                    maps.update(rows, g_rows, y1, J)
+                if first:  # every row, for its value alone where the coarse maps' Jacobians stand in
+                    with_fd, values = (stale, None) if coarse_J is None else (None, stale)
                 else:
-                    # a row whose Jacobian is an estimate is replayed for its value alone, the
-                    # next time with finite differences (three times the work)
-                    for part, fd in ((stale & ~maps.estimated, True), (stale & maps.estimated, False)):
-                        prow = part.nonzero()
-                        if len(prow):
-                            g_rows, y1, _, _, J, _ = _newton_replay(
-                                prob, g, prow, dt_prop.view(c, B), k0, fvals, params, wiring, fd)
-                            maps.update(prow, g_rows, y1, J)
-                    maps.estimated &= ~stale
-                rrows = refresh.nonzero()
-                if len(rrows):
-                    g_rows, y1, _, _, _, _ = _newton_replay(prob, g, rrows, dt_prop.view(c, B), k0, fvals, params,
-                                                            wiring, False)
-                    maps.update(rrows, g_rows, y1)  # (values only)
+                    with_fd, values = maps.plan(stale, refresh)
+                for part, fd in ((with_fd, True), (values, False)):
+                    prow = part.nonzero() if part is not None else ()
+                    if len(prow):
+                        g_rows, y1, _, dt_start, J, dt_next = _newton_replay(
+                            prob, g, prow, dt_prop.view(c, B), k0, fvals, params, wiring, fd)
+                        maps.update(prow, g_rows, y1, J)
             except _rk.StepFailure as e:
                 # a Newton guess the solver cannot integrate (e.g. far outside the
                 # physical states in a stiff corner of the parameters), one that needs
@@ -790,16 +794,18 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
                 # Fixed from then on, so that the period maps do not change between
                 # iterations and the result does not depend on how many iterations the
                 # batch needed (a batch equals its basins solved one by one)
-                dt_prop = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
+                dt_new = torch.cat([dts[:1], dt_next.view(c, B)[:-1]]).reshape(R)
+                # a row keeps its map where its proposal did not change: on ordinary days a
+                # whole period, before and after (NaN, the solver's choice, counts as changed)
+                changed = (dt_new != dt_prop).view(c, B)
+                dt_prop = dt_new
+            # rows whose maps are now evaluated at g, with the method's own Jacobians
+            evaluated = (stale | refresh if not first else stale & ~changed) & ~maps.coarse
             sel = _iterating(iterating)
             gs = _pick(g, sel, 1)
             new = maps.newton_update(sel, y_start)
             if first:
-                # the maps just used had the first proposals: every row is evaluated again
-                if coarse_J is None:
-                    maps = _MapCache(c, B, n, g)
-                else:
-                    maps.reset_values()
+                maps.forget(changed)
                 first = False
             if not torch.isfinite(new).all():
                 failed = True
@@ -810,7 +816,7 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
             # decisions differ, and converged must mean converged on the real maps (else
             # the loss's slope is not the gradient: an L-BFGS test went off course)
             stay = moved_cb.any(dim=0)  # [Bs]
-            unchecked = ~stay & ~_pick((stale | refresh).all(dim=0), sel, 0)
+            unchecked = ~stay & ~_pick(evaluated.all(dim=0), sel, 0)
             if bool(unchecked.any()):
                 maps.recheck(unchecked.nonzero()[:, 0] if sel is None else sel[unchecked])
             # a basin takes its last update and then stops: its result does not depend on
