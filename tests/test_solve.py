@@ -235,6 +235,48 @@ def test_a_warm_start_that_fails_is_retried_from_the_coarse_guess():
     torch.testing.assert_close(warm.discharge, cold.discharge, rtol=1e-12, atol=1e-12)
 
 
+def test_a_window_that_fails_with_estimated_jacobians_is_retried_with_exact_ones(monkeypatch):
+    """The first Newton updates take the coarse maps' Jacobians as estimates. Where they are
+    far off (a stiff corner of the parameters), the window is solved again with
+    finite-difference Jacobians before it falls back to period by period; and where the
+    coarse maps themselves fail (Leaf River, f = 0.19: one midpoint step a day is
+    unstable) their Jacobians are not used at all."""
+    import sys
+    from adjointhydro.data import load_leaf_river
+    solve_mod = sys.modules["adjointhydro.solve"]
+    model = exphydro_m50(hidden=(8, 8))
+    forcing = synthetic_forcing(2, 120, seed=6)
+    sens = dict(max_rows=160, warm_start=False)  # 40 periods a window: 3 windows
+    ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, **sens))
+    real = solve_mod._coarse_guess
+    given = []
+
+    def garbage(*a, **k):
+        x, J = real(*a, **k)
+        given.append(J is not None)
+        return x, None if J is None else torch.full_like(J, float("nan"))
+
+    monkeypatch.setattr(solve_mod, "_coarse_guess", garbage)
+    sol = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=True, **sens))
+    assert given == [True] * 6  # each window twice: with the estimates, then without
+    assert sol.stats["sequential_windows"] == 0
+    torch.testing.assert_close(sol.discharge, ref.discharge, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(solve_mod, "_coarse_guess", real)
+
+    forcing = load_leaf_river().period("1957-01-01", "1977-12-31").to_forcing(["P", "PET"])  # one window
+    coarse = []
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        coarse.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(solve_mod, "_coarse_guess", recording)
+    params = torch.tensor([[0.19, 1414.0, 23.3]], dtype=torch.float64)
+    sol = solve(exphydro(snow=False), forcing, parameters=params,
+                sensitivity=CheckpointedAdjoint(parallel_forward=True, warm_start=False))
+    assert coarse == [False] and sol.stats["sequential_windows"] == 0
+
 def test_newton_replays_that_need_too_many_steps_fall_back(monkeypatch):
     """A Newton replay keeps every step for its Jacobians; one that would take more steps
     than the limit (here 0.9 a row, below the one step a row that any replay needs) stops,
