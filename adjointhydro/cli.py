@@ -180,9 +180,12 @@ def _train_regional_cli(cfg, args, log, t0: float, **where) -> int:
                                      log=log if writer else (lambda msg: None), **where)
         if writer:
             _print_regional(run_dir, t0)
-    finally:
+    except BaseException:
         if launched:
             D.cleanup()
+        raise
+    if launched:
+        D.cleanup(wait_for_all=True)
     return 0
 
 

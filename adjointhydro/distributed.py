@@ -122,9 +122,18 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def cleanup() -> None:
-    """Destroy the process group if there is one."""
+def cleanup(wait_for_all: bool = False) -> None:
+    """Destroy the process group if there is one.
+
+    With ``wait_for_all`` (after a run that succeeded everywhere) the processes first meet
+    at a barrier, so that none tears its connections down while another still uses them:
+    a worker that left while rank 0 was writing the run folder was seen to abort in
+    gloo's teardown ("terminate called without an active exception"), about once in ten
+    runs. After a failure there is no barrier (the others may never reach it).
+    """
     if is_distributed():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -192,8 +201,10 @@ def _spawn_entry(rk: int, world: int, init_file: str, fn: Callable, args: tuple)
     init_distributed("gloo", f"file://{init_file}", rk, world)
     try:
         fn(rk, world, *args)
-    finally:
+    except BaseException:
         cleanup()
+        raise
+    cleanup(wait_for_all=True)
 
 
 def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
@@ -278,8 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = res.summary("nse")
             print(json.dumps({"world_size": world, "best_epoch": res.best_epoch,
                               "best_val_loss": res.best_val_loss, "nse": s}, indent=1))
-    finally:
+    except BaseException:
         cleanup()
+        raise
+    cleanup(wait_for_all=True)
     return 0
 
 
