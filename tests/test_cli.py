@@ -543,7 +543,7 @@ def _wait_for(predicate, proc, timeout: float = 300.0) -> bool:
 
 
 @pytest.mark.slow
-def test_resume_after_killed_process_matches_uninterrupted(tiny_run, tmp_path):
+def test_resume_after_killed_process_matches_uninterrupted(tmp_path):
     """``python -m adjointhydro.cli train`` killed (SIGKILL) mid-training, twice; resume; same metrics.
 
     The first kill comes a moment after the first checkpoint appears (inside the next
@@ -552,9 +552,18 @@ def test_resume_after_killed_process_matches_uninterrupted(tiny_run, tmp_path):
     """
     import torch
 
-    _, _, metrics, _ = tiny_run
+    # 30 epochs, not the tiny run's 4: an epoch of this run takes a few tens of ms, and
+    # 4 were over before the kill
+    long = TINY.replace("\nepochs = 4\n", "\nepochs = 30\n").replace("patience = 10", "patience = 100")
+    assert long != TINY
+    torch.set_num_threads(1)
+    assert main(["train", str(write(tmp_path / "ref", long)), "-q"]) == 0
+    ref = only_run(tmp_path / "ref" / "runs")
+    metrics = json.loads((ref / "metrics.json").read_text())
+    epochs = [r["epoch"] for r in torch.load(ref / "model.pt", weights_only=True)["history"]]
+    assert epochs == list(range(30))
     folder = tmp_path / "case"
-    cfg = write(folder, TINY)
+    cfg = write(folder, long)
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
     def last_epoch(run: Path) -> int:
@@ -582,7 +591,7 @@ def test_resume_after_killed_process_matches_uninterrupted(tiny_run, tmp_path):
     assert not (run / "model.pt").exists(), "the process finished training before it was killed"
     _assert_run_files_readable(run)
     e1 = last_epoch(run)
-    assert 1 <= e1 < 4
+    assert 1 <= e1 < 30
 
     # 2. resume, killed again once it has written a further checkpoint (if it gets there)
     proc = subprocess.Popen(_cli("resume", str(run), "-q", "--threads", "1"), env=env,
@@ -613,6 +622,6 @@ def test_resume_after_killed_process_matches_uninterrupted(tiny_run, tmp_path):
     _assert_run_files_readable(run)
     assert_same_metrics(metrics, json.loads((run / "metrics.json").read_text()))
     h = torch.load(run / "model.pt", weights_only=True)["history"]
-    assert [r["epoch"] for r in h] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in h] == epochs
     assert json.loads((run / "run.json").read_text())["stage"] == "done"
     assert not list(run.rglob(".*.tmp")), "resume leaves no temporary files of killed writes behind"
