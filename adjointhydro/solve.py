@@ -622,7 +622,7 @@ class _MapCache:
         self.rechecks[basins] = True
 
     def take_rechecks(self, stale: torch.Tensor, iterating: torch.Tensor) -> torch.Tensor:
-        """``[c, B]``: the rows to re-evaluate (values only) in this iteration, of basins marked
+        """``[c, B]``: the rows to re-evaluate in this iteration (:meth:`plan`), of basins marked
         by :meth:`recheck` that are still iterating and not ``stale`` (replayed anyway)."""
         rows = (self.rechecks & iterating)[None, :] & ~stale
         self.rechecks[:] = False
