@@ -173,19 +173,13 @@ def _train_regional_cli(cfg, args, log, t0: float, **where) -> int:
     launched = D.launched_by_torchrun()
     if launched:
         D.init_distributed()
-    try:
+    with D.tear_down_after(launched):
         writer = D.rank() == 0
         run_dir = train_regional_run(cfg, progress=not args.quiet and writer,
                                      on_epoch=_epoch_hook(args.stop_after_epochs),
                                      log=log if writer else (lambda msg: None), **where)
         if writer:
             _print_regional(run_dir, t0)
-    except BaseException:
-        if launched:
-            D.cleanup()
-        raise
-    if launched:
-        D.cleanup(wait_for_all=True)
     return 0
 
 

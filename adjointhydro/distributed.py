@@ -32,13 +32,14 @@ See ``docs/regional.md`` for a SLURM example.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,7 @@ import torch.distributed as dist
 __all__ = [
     "init_distributed",
     "cleanup",
+    "tear_down_after",
     "is_distributed",
     "rank",
     "world_size",
@@ -137,6 +139,19 @@ def cleanup(wait_for_all: bool = False) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def tear_down_after(active: bool = True) -> Iterator[None]:
+    """On leaving, :func:`cleanup`: with the barrier after success, without it after a failure."""
+    try:
+        yield
+    except BaseException:
+        if active:
+            cleanup()
+        raise
+    if active:
+        cleanup(wait_for_all=True)
+
+
 def shard(items: Sequence[Any], rank_: int, world: int) -> list:
     """The contiguous part of ``items`` for ``rank_`` of ``world`` (sizes differ by at most 1)."""
     items = list(items)
@@ -199,12 +214,8 @@ def free_port() -> int:
 def _spawn_entry(rk: int, world: int, init_file: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
     init_distributed("gloo", f"file://{init_file}", rk, world)
-    try:
+    with tear_down_after():
         fn(rk, world, *args)
-    except BaseException:
-        cleanup()
-        raise
-    cleanup(wait_for_all=True)
 
 
 def spawn_local(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
@@ -266,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rk, world, _ = init_distributed()
-    try:
+    with tear_down_after():
         from .data import read_hdf5
         from .models import exphydro
         from .regional import train_regional
@@ -289,10 +300,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = res.summary("nse")
             print(json.dumps({"world_size": world, "best_epoch": res.best_epoch,
                               "best_val_loss": res.best_val_loss, "nse": s}, indent=1))
-    except BaseException:
-        cleanup()
-        raise
-    cleanup(wait_for_all=True)
     return 0
 
 
