@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars, _NeuralBase
+from ._trace import split_flux
 
 __all__ = ["Store", "Parameter", "Model", "ModelError"]
 
@@ -338,18 +339,25 @@ class Model(nn.Module):
         return torch.stack(self._evaluate(v), dim=-1)
 
     def _evaluate(self, v: Vars, bound: Sequence | None = None, stores: torch.Tensor | None = None,
-                  folded: Sequence[bool] | None = None) -> list[torch.Tensor]:
+                  folded: Sequence[bool] | None = None, split: Sequence | None = None) -> list[torch.Tensor]:
         """Each flux's rate, in order; ``v`` holds stores, forcing and parameters and gains the fluxes.
 
         With ``bound`` (see :meth:`_rate_function`) the networks run from their bound plans
         (``bound[i]``, ``None`` for a module run as is) on ``stores`` ``[n, rows]``.
-        Fluxes marked in ``folded`` are already in ``v`` (evaluated once per period).
+        Fluxes marked in ``folded`` are already in ``v`` (evaluated once per period);
+        ``split[i]``, where given, is flux ``i``'s varying part and its hoisted constants
+        (:func:`adjointhydro._trace.split_flux`).
         """
         out = []
         cache: dict = {}  # values the networks of this evaluation share (limit factors)
         for i, f in enumerate(self.flux_modules):
             if folded is not None and folded[i]:
                 out.append(v[f.name])
+            elif split is not None and split[i] is not None:
+                rate, inputs, hoisted = split[i]
+                r = rate(*[v[n] for n in inputs], *hoisted)
+                v[f.name] = r
+                out.append(r)
             elif self._columnar[i]:
                 cols = f._columns(v, None if bound is None else bound[i], stores, cache)
                 v.update(zip(f.names, cols))
@@ -391,42 +399,60 @@ class _PreparedRates:
     first layers once; the function it returns maps stores ``[n, rows]`` (and any
     variables that change within the period, ``extra``) to rates ``[m, rows]``.
 
-    Physics fluxes that read only such constants (EXP-HYDRO's snowfall and rainfall) are
-    evaluated once in ``bind`` instead of at every stage. Which ones they are is found by
-    trying each with the constants alone at the first ``bind``: a flux that reads a store
-    or a varying input fails there (and is evaluated at every stage from then on).
+    Physics fluxes are split once (:func:`adjointhydro._trace.split_flux`): what reads
+    only such constants is evaluated in ``bind``, once a period (all of EXP-HYDRO's
+    snowfall and rainfall, half of its melt), the rest at every stage. A flux that cannot
+    be traced is tried with the constants alone at the first ``bind``: one that reads a
+    store or a varying input fails there and is evaluated at every stage from then on.
     """
 
     def __init__(self, model: Model, plans: list) -> None:
         self.model = model
         self.plans = plans
-        self._folded: list[bool] | None = None  # per flux: evaluated in bind (None: not yet tried)
+        self._folded: list[bool] | None = None  # per untraceable flux: evaluated in bind (None: not yet tried)
+        known = list(model.store_names) + list(model.forcing_names) + list(model.parameter_names)
+        self._known: list[tuple[str, ...]] = []  # per flux: the names it may read
+        for f in model.flux_modules:
+            self._known.append(tuple(known))
+            known += list(f.names)
 
     def bind(self, const: Vars) -> Callable[..., torch.Tensor]:
         model = self.model
         bound = [None if p is None else f._bind(p, const) for f, p in zip(model.flux_modules, self.plans)]
         names = model.store_names
-        const, folded = self._fold(const)
+        const, folded, split = self._split(const)
 
         def rates(stores: torch.Tensor, extra: Vars | None = None) -> torch.Tensor:
             v = Vars(zip(names, stores.unbind(0)))
             v.update(const)
             if extra is not None:
                 v.update(extra)
-            return torch.stack(model._evaluate(v, bound, stores, folded), dim=0)
+            return torch.stack(model._evaluate(v, bound, stores, folded, split), dim=0)
 
         return rates
 
-    def _fold(self, const: Vars) -> tuple[Vars, tuple[bool, ...] | None]:
-        """``const`` with the values of the fluxes that depend on nothing else added, and which those are."""
+    def _split(self, const: Vars) -> tuple[Vars, tuple[bool, ...] | None, list | None]:
+        """``const`` with the constant fluxes added, which those are, and each other physics
+        flux's varying part with its constants evaluated (``None`` for the rest)."""
         model = self.model
         if self._folded is None:
             self._folded = [type(f) is Flux for f in model.flux_modules]  # physics fluxes only
         if not any(self._folded):
-            return const, None
+            return const, None, None
         const = Vars(const)
+        folded = [False] * len(model.flux_modules)
+        split: list | None = [None] * len(model.flux_modules)
         for i, f in enumerate(model.flux_modules):
             if not self._folded[i]:
+                continue
+            sp = split_flux(f, f.fn, tuple(const), self._known[i])
+            if sp is not None:
+                hoisted = sp.hoist(*[const[n] for n in sp.const_inputs])
+                if sp.rate is None:
+                    const[f.name] = hoisted[0]
+                    folded[i] = True
+                else:
+                    split[i] = (sp.rate, sp.var_inputs, hoisted)
                 continue
             try:
                 r = f.forward(const)
@@ -436,6 +462,7 @@ class _PreparedRates:
                 r = None
             if isinstance(r, torch.Tensor):
                 const[f.name] = r
+                folded[i] = True
             else:
                 self._folded[i] = False
-        return const, tuple(self._folded)
+        return const, tuple(folded), split

@@ -155,8 +155,45 @@ def test_fluxes_of_constants_only_are_evaluated_once_a_period():
         fast = prepared.bind(Vars(**fd, **pd))(y.T.contiguous()).T
         torch.testing.assert_close(fast, m.fluxes(y, fd, pd), rtol=1e-14, atol=1e-14)
     assert m.flux_names == ("snowfall", "rainfall", "melt", "et", "Q", "leak")
-    # folded after the first (dry) period; the wet one showed that leak reads a store
-    assert prepared._folded == [True, True, False, False, False, False]
+    # leak cannot be traced (Python control flow on values): tried with the constants
+    # alone at the first (dry) period, and the wet one showed that it reads a store
+    assert prepared._folded == [True, True, True, True, True, False]
+    const, folded, split = prepared._split(Vars(**fd, **pd))
+    assert folded == (True, True, False, False, False, False)
+    # melt = step(T - Tmax) * step(snow) * min(snow, Df*(T - Tmax)): the parts of T alone once a period
+    rate, inputs, hoisted = split[2]
+    assert inputs == ("snow",) and len(hoisted) == 2
+    assert split[5] is None  # leak: run as written
+
+
+@pytest.mark.parametrize("smoothing", [5.0, None])
+def test_traced_physics_fluxes_equal_their_functions(smoothing):
+    """Each physics flux split into its constant and varying parts (:mod:`adjointhydro._trace`)
+    gives the rates of the function as written, for piecewise-constant forcing and for
+    forcing that varies within the period (then T is read at every stage), with hard steps,
+    and for a function reading a tensor from outside (not traced: run as written)."""
+    from adjointhydro.fluxes import Vars
+
+    scale = torch.tensor(0.02, dtype=torch.float64)
+    base = exphydro(smoothing=smoothing)
+    m = Model(base.stores, list(base.flux_modules) + [Flux("drain", "snow", None, lambda v: scale * v.snow)],
+              base.forcing_names, base.parameters_spec, base.discharge_fluxes)
+    gen = torch.Generator().manual_seed(3)
+    R = 50
+    pd = Vars(zip(m.parameter_names, m.physical_parameters().expand(R, -1).unbind(-1)))
+    fd = Vars(P=torch.rand(R, generator=gen, dtype=torch.float64) * 30,
+              T=torch.randn(R, generator=gen, dtype=torch.float64) * 5,
+              PET=torch.rand(R, generator=gen, dtype=torch.float64) * 4)
+    y = torch.rand(R, 2, generator=gen, dtype=torch.float64) * torch.tensor([40.0, 2000.0], dtype=torch.float64)
+    ref = m.fluxes(y, fd, pd)
+    prepared = m._rate_function()
+    torch.testing.assert_close(prepared.bind(Vars(**fd, **pd))(y.T.contiguous()).T, ref, rtol=1e-14, atol=1e-14)
+    # T varying within the period: melt's step(T - Tmax) is evaluated at each call
+    varying = prepared.bind(Vars(**pd, P=fd.P, PET=fd.PET))
+    torch.testing.assert_close(varying(y.T.contiguous(), Vars(T=fd.T)).T, ref, rtol=1e-14, atol=1e-14)
+    _, _, split = prepared._split(Vars(**pd, P=fd.P, PET=fd.PET))
+    assert set(split[2][1]) == {"snow", "T"}
+    assert split[5] is None or torch.equal(split[5][0](*[y[:, 0]], *split[5][2]), scale * y[:, 0])
 
 
 def test_network_that_is_not_linear_and_activation_layers_runs_as_is():
