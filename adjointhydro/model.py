@@ -417,10 +417,58 @@ class _PreparedRates:
             known += list(f.names)
 
     def bind(self, const: Vars) -> Callable[..., torch.Tensor]:
+        return self._function(self._bind_parts(const))
+
+    def bind_rows(self, const: Vars, per: int) -> Callable[[int], Callable[..., torch.Tensor]]:
+        """:meth:`bind` for many periods at once; returns ``at(k)``, the rate function of period ``k``.
+
+        ``const`` holds ``[c * per]`` rows ordered [period, row]. The period-by-period solve
+        binds a stretch of the record in one go and takes each period as contiguous
+        selections (binding one period alone costs more than an evaluation of the fluxes;
+        strided slices make every evaluation slower).
+        """
+        bound, const, folded, split = self._bind_parts(const)
+        N = next((t.shape[-1] for t in const.values() if isinstance(t, torch.Tensor) and t.dim()), per)
+        c = N // per
+
+        def by_period(t):
+            """``[..., c * per]`` as ``[c, ..., per]``, contiguous per period (others as they are)."""
+            if not isinstance(t, torch.Tensor) or not t.dim() or t.shape[-1] != N:
+                return None
+            return t.reshape(t.shape[:-1] + (c, per)).movedim(-2, 0).contiguous()
+
+        nets = []
+        for bd in bound:
+            if bd is None:
+                nets.append(None)
+                continue
+            # biases are the same for every row: one [out, per] view serves each period
+            layers = tuple((w, None if b is None else b[..., :per], act) for w, b, act in bd.layers)
+            nets.append((bd._replace(layers=layers), by_period(bd.first)))
+        consts = [(name, t, by_period(t)) for name, t in const.items()]
+        splits = None if split is None else [
+            None if sp is None else (sp[0], sp[1], [(t, by_period(t)) for t in sp[2]]) for sp in split]
+
+        def at(k: int) -> Callable[..., torch.Tensor]:
+            bound_k = [None if nt is None else (nt[0] if nt[1] is None else nt[0]._replace(first=nt[1][k]))
+                       for nt in nets]
+            const_k = Vars((name, t if tp is None else tp[k]) for name, t, tp in consts)
+            split_k = None if splits is None else [
+                None if sp is None else (sp[0], sp[1], tuple(t if tp is None else tp[k] for t, tp in sp[2]))
+                for sp in splits]
+            return self._function((bound_k, const_k, folded, split_k))
+
+        return at
+
+    def _bind_parts(self, const: Vars) -> tuple:
         model = self.model
         bound = [None if p is None else f._bind(p, const) for f, p in zip(model.flux_modules, self.plans)]
+        return (bound,) + self._split(const)
+
+    def _function(self, parts: tuple) -> Callable[..., torch.Tensor]:
+        bound, const, folded, split = parts
+        model = self.model
         names = model.store_names
-        const, folded, split = self._split(const)
 
         def rates(stores: torch.Tensor, extra: Vars | None = None) -> torch.Tensor:
             v = Vars(zip(names, stores.unbind(0)))

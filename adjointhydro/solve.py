@@ -74,6 +74,9 @@ _NEWTON_STEPS_PER_ROW = 24
 # One row stepping alone costs about 1 ms a step: 10,000 steps took 13 s in one trial.
 _NEWTON_MAX_STEPS = 500
 _GPU_MAX_ROWS = 1 << 20
+# The period-by-period solve binds the constants of this many rows (basin x period) at once:
+# binding one period alone costs more than an evaluation of the fluxes
+_BIND_ROWS = 16384
 # The parallel forward's first guess comes from Newton on a cheap map: this method, one
 # step per period. From a constant guess, Newton on the dopri5 maps spends most of its
 # iterations (12 for 4 years of one basin) moving the snow store across its thresholds;
@@ -283,11 +286,37 @@ class _Problem:
             self._rates_no_grad = self.model._rate_function()
         return self._rates_no_grad
 
-    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None, groups=1):
+    def bind_periods(self, fvals, params, k0: int, k1: int):
+        """The rate functions of all basins for the periods ``k0..k1-1``, bound in one go
+        (piecewise-constant forcing): ``at(k)`` is the one for period ``k``, for :meth:`period`."""
+        B = params.shape[0]
+        c = k1 - k0
+        pr = params if self.pcols is None else params[:, self.pcols]
+        # rows ordered [period, basin]: a period's rows are one slice
+        prT = pr.t()[:, None, :].expand(-1, c, -1).reshape(pr.shape[1], c * B)
+        fkT = fvals[:, k0:k1].permute(2, 1, 0).reshape(fvals.shape[2], c * B)
+        const = Vars(zip(self.pnames, prT.unbind(0)))
+        const.update(zip(self.fnames, fkT.unbind(0)))
+        at_rows = self.rates().bind_rows(const, B)
+
+        def at(k: int):
+            bound = at_rows(k - k0)
+
+            def rate_const(y, s):
+                return bound(y)
+
+            rate_const.uses_time = False
+            return rate_const
+
+        return at
+
+    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None, groups=1,
+               prebound=None):
         """Integrate rows over their periods.
 
         ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
         ``b_idx``/``k_idx`` give each row's basin and period (``None`` = all basins, one period ``k_idx``).
+        ``prebound``: the rate function of all rows, bound already (:meth:`bind_periods`).
         """
         if b_idx is None:
             pr = params
@@ -318,6 +347,8 @@ class _Problem:
 
         def flux_for(idx):
             """Rate function for the rows ``idx``, with this period's constants bound once."""
+            if idx is None and prebound is not None:
+                return prebound
             p_, f_ = (prT, fkT) if idx is None else (prT[:, idx], fkT[:, idx])
             const = Vars(zip(pnames, p_.unbind(0)))
             if fpT is None:
@@ -373,9 +404,16 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
     dts = []
     dt = dt0  # None: initial step selection
     y = y0
+    B = y0.shape[0]
+    prebind = prob.mode == "constant" or fvals.shape[1] == 1
+    at, k_end = None, k0
     for k in range(k0, T):
+        if prebind and k >= k_end:
+            # the periods of the next stretch bound at once (at most _BIND_ROWS rows)
+            k_end = min(T, k + max(1, _BIND_ROWS // B))
+            at = prob.bind_periods(fvals, params, k, k_end)
         try:
-            y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring)
+            y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring, prebound=at(k) if prebind else None)
             dts.append(dt_start)
         except _rk.StepFailure as e:
             raise prob.fail(e, e.row, k) from None

@@ -427,3 +427,27 @@ def test_network_subclass_with_its_own_forward_is_used_by_fluxes_and_solver():
     torch.testing.assert_close(m.fluxes(y, fd, pd)[:, j], 2.0 * ref)
     fast = m._rate_function().bind(Vars(**fd, **pd))(y.T.contiguous())
     torch.testing.assert_close(fast[j], 2.0 * ref)
+
+
+def test_periods_bound_together_equal_periods_bound_one_by_one():
+    """The period-by-period solve binds a stretch of periods at once (:meth:`bind_rows`): each
+    period's rate function equals the one bound for that period alone, for the M50 hybrid
+    (networks with constant inputs folded in) and the physics model (split fluxes)."""
+    from adjointhydro.fluxes import Vars
+
+    gen = torch.Generator().manual_seed(5)
+    B, c = 3, 4
+    for m in (exphydro_m50(), exphydro()):
+        prepared = m._rate_function()
+        p = m.physical_parameters().expand(B, -1)
+        f = {"P": torch.rand(c, B, generator=gen, dtype=torch.float64) * 20,
+             "T": torch.randn(c, B, generator=gen, dtype=torch.float64) * 5,
+             "PET": torch.rand(c, B, generator=gen, dtype=torch.float64) * 4}
+        rows = Vars(zip(m.parameter_names, p.repeat(c, 1).unbind(-1)))
+        rows.update({k: v.reshape(-1) for k, v in f.items()})
+        at = prepared.bind_rows(rows, B)
+        for k in range(c):
+            one = Vars(zip(m.parameter_names, p.unbind(-1)))
+            one.update({n: v[k] for n, v in f.items()})
+            y = torch.rand(2, B, generator=gen, dtype=torch.float64) * torch.tensor([[30.0], [1500.0]], dtype=torch.float64)
+            torch.testing.assert_close(at(k)(y), prepared.bind(one)(y), rtol=1e-15, atol=1e-15)
