@@ -611,10 +611,16 @@ def _generate(model: Model, parts: tuple) -> tuple[Callable, Callable] | None:
         else:
             return None  # a flux run as written
     lines.append(f"    return torch.stack([{', '.join(env[n] for n in model.flux_names)}], 0)")
-    scope = {"torch": torch, "softplus": nn.functional.softplus}
-    exec(compile("\n".join(lines), f"<adjointhydro rates of {model.name}>", "exec"), scope)
+    src = "\n".join(lines)
+    if src not in _GENERATED:  # (compiling costs about 0.5 ms: once per structure, not per solve)
+        scope = {"torch": torch, "softplus": nn.functional.softplus}
+        exec(compile(src, "<adjointhydro generated rates>", "exec"), scope)
+        _GENERATED[src] = scope["rates"]
 
     def table(p: tuple) -> list:
         return [pick(p) for pick in picks]
 
-    return scope["rates"], table
+    return _GENERATED[src], table
+
+
+_GENERATED: dict[str, Callable] = {}  # source -> function (:func:`_generate`)

@@ -451,3 +451,46 @@ def test_periods_bound_together_equal_periods_bound_one_by_one():
             one.update({n: v[k] for n, v in f.items()})
             y = torch.rand(2, B, generator=gen, dtype=torch.float64) * torch.tensor([[30.0], [1500.0]], dtype=torch.float64)
             torch.testing.assert_close(at(k)(y), prepared.bind(one)(y), rtol=1e-15, atol=1e-15)
+
+
+def _forcing_rows(m, R, gen):
+    from adjointhydro.fluxes import Vars
+
+    const = Vars(zip(m.parameter_names, m.physical_parameters().expand(R, -1).to(torch.float64).unbind(-1)))
+    for name in m.forcing_names:
+        const[name] = torch.rand(R, generator=gen, dtype=torch.float64) * 10 - (5 if name == "T" else 0)
+    return const
+
+
+def test_generated_rates_equal_the_general_evaluation():
+    """Without autograd, a model whose fluxes are constant, split physics or plain networks is
+    evaluated by one generated function (:meth:`_PreparedRates._straight`): the same rates,
+    to the last bit, as the general evaluation, for every built-in model, for a network
+    with several outputs (a group without partition) and for one reading an earlier flux.
+    A group that partitions precipitation (M100) keeps the general evaluation."""
+    from adjointhydro.fluxes import NeuralFluxGroup
+
+    from adjointhydro.models import exphydro_m100, lotka_volterra_ude, reservoir_cascade
+
+    gen = torch.Generator().manual_seed(11)
+    base = exphydro()
+    group = NeuralFluxGroup([("et", "soil", None), ("Q", "soil", None)], ["soil", "rainfall", "PET"],
+                            hidden=(8,), limit_by=["soil", None]).double()
+    grouped = Model(base.stores, list(base.flux_modules)[:3] + [group], base.forcing_names,
+                    base.parameters_spec, ("Q",))
+    models = [exphydro_m50(), exphydro(), exphydro(snow=False), reservoir_cascade(), lotka_volterra_ude(), grouped]
+    for m in models:
+        R = 7
+        y = torch.rand(m.n_stores, R, generator=gen, dtype=torch.float64) * 100
+        prepared = m._rate_function()
+        with torch.no_grad():
+            parts = prepared._bind_parts(_forcing_rows(m, R, gen))
+            assert prepared._straight(parts) is not None, m.name
+            fast = prepared._function(parts)(y)
+            general = prepared._function(parts, straight=None)(y)
+        assert torch.equal(fast, general), m.name
+        with torch.enable_grad():  # under autograd: the general evaluation (custom reverse passes)
+            assert torch.equal(prepared._function(parts)(y), general)
+    m = exphydro_m100()
+    prepared = m._rate_function()
+    assert prepared._straight(prepared._bind_parts(_forcing_rows(m, 3, gen))) is None
