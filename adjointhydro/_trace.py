@@ -45,11 +45,21 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 class _TracingVars(dict):
     """What a flux sees while traced: a proxy per name, made on first use."""
 
-    __slots__ = ("_make",)
+    __slots__ = ("_make", "_known")
 
-    def __init__(self, make: Callable[[str], fx.Proxy | None]) -> None:
+    def __init__(self, make: Callable[[str], fx.Proxy | None], known: frozenset) -> None:
         super().__init__()
         self._make = make
+        self._known = known
+
+    def __contains__(self, name) -> bool:  # as at run time, where every known name is there
+        return name in self._known
+
+    def _refuse(self, *args, **kwargs):
+        # a function that looks at all variables sees other ones at run time: not traced
+        raise TypeError("a flux that iterates over its variables is run as written")
+
+    keys = values = items = __iter__ = __len__ = _refuse
 
     def __missing__(self, name: str):
         p = self._make(name)
@@ -99,7 +109,7 @@ def _split(fn: Callable, const: frozenset, known: frozenset) -> Split | None:
         names[node] = name
         return fx.Proxy(node, tracer)
 
-    out = fn(_TracingVars(make))
+    out = fn(_TracingVars(make, known))
     if not isinstance(out, fx.Proxy):
         return None
     graph.output(out.node)

@@ -494,3 +494,31 @@ def test_generated_rates_equal_the_general_evaluation():
     m = exphydro_m100()
     prepared = m._rate_function()
     assert prepared._straight(prepared._bind_parts(_forcing_rows(m, 3, gen))) is None
+
+
+def test_flux_functions_that_look_at_their_variables_are_traced_as_they_run():
+    """``name in v`` answers as at run time while a flux is traced; a function that iterates
+    over all variables is not traced (run as written). Both give the rates of the function."""
+    from adjointhydro._trace import split_flux
+    from adjointhydro.fluxes import Vars
+
+    def leak(v):
+        return 0.01 * v.soil * (v.P if "P" in v else 1.0)
+
+    def drain(v):
+        return 0.001 * v.soil * len(v)
+
+    for fn, traced in ((leak, True), (drain, False)):
+        base = exphydro()
+        m = Model(base.stores, list(base.flux_modules) + [Flux("leak", "soil", None, fn)], base.forcing_names,
+                  base.parameters_spec, base.discharge_fluxes)
+        R = 4
+        pd = Vars(zip(m.parameter_names, m.physical_parameters().expand(R, -1).unbind(-1)))
+        fd = Vars(P=torch.full((R,), 3.0, dtype=torch.float64), T=torch.full((R,), 5.0, dtype=torch.float64),
+                  PET=torch.full((R,), 2.0, dtype=torch.float64))
+        y = torch.full((R, 2), 500.0, dtype=torch.float64)
+        prepared = m._rate_function()
+        fast = prepared.bind(Vars(**fd, **pd))(y.T.contiguous()).T
+        torch.testing.assert_close(fast, m.fluxes(y, fd, pd), rtol=1e-14, atol=1e-14)
+        f = m.flux_modules[-1]
+        assert (split_flux(f, f.fn, tuple(pd) + tuple(fd), prepared._known[-1]) is not None) == traced
