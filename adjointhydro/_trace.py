@@ -39,6 +39,8 @@ class Split(NamedTuple):
 _PLAIN = (fx.Node, int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout,
           torch.memory_format, slice, type(Ellipsis))
 
+_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout", "exponential_", "uniform_")
+
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -116,6 +118,10 @@ def _split(fn: Callable, const: frozenset, known: frozenset) -> Split | None:
     for node in graph.nodes:
         # in-place operations would change a value the other part still reads
         if node.op == "call_method" and str(node.target).endswith("_"):
+            return None
+        # random draws: hoisting one would draw once a period instead of at every stage
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op in ("call_function", "call_method") and any(r in name for r in _RANDOM):
             return None
         # a tensor (or other object) taken from outside is not in the generated code
         leaves: list = []

@@ -508,7 +508,10 @@ def test_flux_functions_that_look_at_their_variables_are_traced_as_they_run():
     def drain(v):
         return 0.001 * v.soil * len(v)
 
-    for fn, traced in ((leak, True), (drain, False)):
+    def noisy(v):  # a random draw per call: not traced (hoisting would draw once a period)
+        return 0.001 * v.soil * (1.0 + 0.0 * torch.rand_like(v.P))
+
+    for fn, traced in ((leak, True), (drain, False), (noisy, False)):
         base = exphydro()
         m = Model(base.stores, list(base.flux_modules) + [Flux("leak", "soil", None, fn)], base.forcing_names,
                   base.parameters_spec, base.discharge_fluxes)
