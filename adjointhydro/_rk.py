@@ -314,3 +314,162 @@ def _initial_step(flux, wt, y0, s, k0, span, order, rtol, atol):
     h = torch.minimum(100 * h0, h1).clamp(max=span)
     # non-finite slopes (a failing flux): start small; rejection then reports the failure
     return torch.where(torch.isfinite(h), h, torch.full_like(h, 1e-6 * span))
+
+
+# --------------------------------------------------------------------------- compiled step
+_COMPILED: dict = {}  # structure -> compiled step (or None where compiling failed)
+_COMPILE_FAILED: list = []  # the first failure's message, once seen (then eager from there on)
+
+
+def integrate_period_compiled(code: Callable, table: list, wiring: torch.Tensor, y0: torch.Tensor, span: float,
+                              dt0: torch.Tensor | None, tab: Tableau, rtol: float, atol: float,
+                              max_steps: int) -> tuple | None:
+    """:func:`integrate_period` for all rows at once with a compiled step (``torch.compile``).
+
+    For adaptive FSAL methods, rates constant in time over the period and a generated
+    rate function ``code(stores, table)`` (:meth:`adjointhydro.model._PreparedRates._straight`),
+    without autograd. Rows that finish early are masked, not compacted, so that the
+    step keeps one shape. Returns ``None`` where compiling fails (no C++ compiler, say;
+    the caller then steps eagerly).
+    """
+    rows, n = y0.shape
+    m = wiring.shape[0]
+    dtype, device = y0.dtype, y0.device
+    tensors = [t for t in table if isinstance(t, torch.Tensor)]
+    step = _compiled_step(code, table, tab, n, m)
+    if step is None:
+        return None
+    wt = wiring.t().contiguous()
+    wx = torch.cat([wt, _identity(m, dtype, device)], dim=0)
+    scal = torch.tensor([span, rtol, atol, span * 1e-10], dtype=dtype, device=device)
+    x = s = k = None  # the first step starts the period (stores and totals, first evaluation) itself
+    n_evals = 1
+    if dt0 is None or bool(torch.isnan(dt0).any()):
+        def flux(y, s_):
+            return code(y, table)
+        x = torch.cat([y0.t(), torch.zeros(m, rows, dtype=dtype, device=device)], dim=0)
+        s = torch.zeros(rows, dtype=dtype, device=device)
+        k = code(x[:n], table)
+        h0 = _initial_step(flux, wt, x[:n], s, k, span, tab.order, rtol, atol)
+        dt0 = h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
+        n_evals += 1
+    h = dt0.to(dtype).clamp(max=span)
+    dt_start = h
+    n_iter = 0
+    while True:
+        n_iter += 1
+        if x is None:
+            x, s, h, k, done, fail = step[0](y0, h, wt, wx, scal, *tensors)
+        else:
+            x, s, h, k, done, fail = step[1](x, s, h, k, wt, wx, scal, *tensors)
+        n_evals += len(tab.c) - 1
+        if bool(fail.any()):
+            r = int(fail.nonzero()[0])
+            reason = "non-finite state" if not bool(torch.isfinite(x[:, r]).all()) else "step size underflow"
+            raise StepFailure(r, float(s[r]), reason)
+        if bool(done):
+            break
+        if n_iter >= max_steps:
+            r = int((s < span * (1 - 1e-12)).nonzero()[0])
+            raise StepFailure(r, float(s[r]), f"more than {max_steps} steps in one period")
+    return x[:n].t(), x[n:].t(), h, dt_start, n_iter, n_evals
+
+
+def _compiled_step(code: Callable, table: list, tab: Tableau, n: int, m: int) -> Callable | None:
+    """One masked Runge-Kutta step of all rows, compiled once per structure."""
+    if _COMPILE_FAILED:
+        return None
+    fixed = tuple((i, t) for i, t in enumerate(table) if not isinstance(t, torch.Tensor))
+    key = (code, tuple((i, id(t)) for i, t in fixed), tab.name, n, m)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    slots = [i for i, t in enumerate(table) if isinstance(t, torch.Tensor)]
+    size = len(table)
+    stages = len(tab.c)
+    b, e = tab.b, tab.e
+    expo = -0.5 / (tab.order + 1)
+
+    def step(x, s, h_prop, k0, wt, wx, scal, *tensors):
+        span, rtol, atol, min_h = scal[0], scal[1], scal[2], scal[3]
+        t = [None] * size
+        for i, v in fixed:
+            t[i] = v
+        for i, v in zip(slots, tensors):
+            t[i] = v
+        remaining = span - s
+        active = remaining > span * 1e-12
+        last = h_prop >= remaining
+        h = torch.where(active, torch.where(last, remaining, h_prop), 0.0)
+        y = x[:n]
+        ks = [k0]
+        for i in range(1, stages):
+            comb = None
+            for a_ij, k_j in zip(tab.a[i], ks):
+                if a_ij != 0.0:
+                    comb = k_j * a_ij if comb is None else comb + k_j * a_ij
+            ks.append(code(y + wt @ (comb * h), t))
+        dq = sum(k_j * b_j for k_j, b_j in zip(ks, b) if b_j != 0.0) * h
+        de = sum(k_j * e_j for k_j, e_j in zip(ks, e) if e_j != 0.0) * h
+        x_new = x + wx @ dq
+        scale = torch.maximum(x.abs(), x_new.abs()) * rtol + atol
+        r2 = ((wx @ de) / scale).square().mean(dim=0)
+        accept = ((r2 <= 1.0) | ((h <= min_h) & (r2 < float("inf")))) & active
+        factor = (r2.clamp(min=1e-20) ** expo * 0.9).clamp(0.2, 10.0)
+        h_next = torch.minimum(h * factor, span)
+        h_next = torch.where(accept & last & (h_next < h_prop), h_prop, h_next)
+        h_next = torch.where(active, h_next, h_prop)
+        fail = active & ~accept & (h < 5.0 * min_h)
+        x = torch.where(accept, x_new, x)
+        s = torch.where(accept, torch.where(last, span, s + h), s)
+        k0 = torch.where(accept, ks[-1], k0)
+        done = ~(((span - s) > span * 1e-12).any())
+        return x, s, h_next, k0, done, fail
+
+    def first(y0, h_prop, wt, wx, scal, *tensors):
+        # the period's start: stores and zero totals, the first evaluation, then a step
+        t = [None] * size
+        for i, v in fixed:
+            t[i] = v
+        for i, v in zip(slots, tensors):
+            t[i] = v
+        y = y0.t()
+        x = torch.cat([y, torch.zeros((m, y.shape[1]), dtype=y.dtype, device=y.device)], dim=0)
+        s = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
+        return step(x, s, h_prop, code(y, t), wt, wx, scal, *tensors)
+
+    try:
+        pair = [_guarded(torch.compile(fn, fullgraph=True, dynamic=False), fn) for fn in (first, step)]
+    except Exception as err:  # (torch.compile itself unavailable)
+        _compile_failed(err)
+        return None
+    _COMPILED[key] = pair
+    return pair
+
+
+def _guarded(compiled: Callable, eager: Callable) -> Callable:
+    """``compiled``, or ``eager`` from its first failure on (compilation happens at the first call)."""
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except StepFailure:
+            raise
+        except Exception as err:
+            if state["fn"] is eager:
+                raise
+            _compile_failed(err)
+            state["fn"] = eager
+            return eager(*args)
+
+    return call
+
+
+def _compile_failed(err: Exception) -> None:
+    """Warn once, and step eagerly from now on in this process."""
+    import warnings
+
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    warnings.warn(f"adjointhydro: compiling the Runge-Kutta step failed, stepping eagerly instead "
+                  f"({type(err).__name__}: {first_line})", RuntimeWarning, stacklevel=3)
+    _COMPILE_FAILED.append(str(err))

@@ -487,6 +487,7 @@ class _PreparedRates:
                 v.update(extra)
             return torch.stack(model._evaluate(v, bound, stores, folded, split), dim=0)
 
+        rates.straight = None if code is None else (code, table)  # (for a compiled step, _rk)
         return rates
 
     def _straight(self, parts: tuple) -> tuple[Callable, Callable] | None:

@@ -125,12 +125,20 @@ class CheckpointedAdjoint:
         max_newton: Newton iterations per window before falling back.
         warm_start: start Newton from the previous solve's trajectory when the shapes
             match (training loops: parameters change little between steps).
+        compile: compile the Runge-Kutta step of the period-by-period forward with
+            ``torch.compile`` (adaptive methods with an error estimate, piecewise-constant
+            forcing, models whose fluxes are physics or plain networks). On a CPU about
+            twice as fast a step at 64 basins, after a one-off compilation of 10-20 s per
+            model structure, batch size and precision (like a JAX ``jit``); results agree
+            with the eager step to rounding. Where compiling fails (no C++ compiler), the
+            eager step is used, with a warning.
     """
 
     max_rows: int | None = None
     parallel_forward: bool | None = None
     max_newton: int = 30
     warm_start: bool = True
+    compile: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -273,6 +281,7 @@ class _Problem:
         self.n_coarse = 0  # of which on the coarse maps (:func:`_coarse_guess`)
         self.n_work_limited = 0  # Newton attempts stopped because a replay needed too many steps
         self.n_cold_retries = 0  # warm-started windows that failed and were solved from the coarse guess
+        self.compile = False  # period-by-period steps compiled (CheckpointedAdjoint(compile=True))
 
     def rates(self):
         """The model's prepared rate function (:meth:`Model._rate_function`).
@@ -307,6 +316,7 @@ class _Problem:
                 return bound(y)
 
             rate_const.uses_time = False
+            rate_const.straight = bound.straight
             return rate_const
 
         return at
@@ -407,6 +417,9 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
     y = y0
     B = y0.shape[0]
     prebind = prob.mode == "constant" or fvals.shape[1] == 1
+    # a compiled step (CheckpointedAdjoint(compile=True)): adaptive FSAL methods, no autograd
+    compiled = (prebind and prob.compile and prob.tab.fsal and prob.tab.e is not None and prob.fixed_step is None
+                and not torch.is_grad_enabled())
     at, k_end = None, k0
     for k in range(k0, T):
         if prebind and k >= k_end:
@@ -414,7 +427,19 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
             k_end = min(T, k + max(1, _BIND_ROWS // B))
             at = prob.bind_periods(fvals, params, k, k_end)
         try:
-            y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring, prebound=at(k) if prebind else None)
+            out = None
+            if compiled:
+                rate = at(k)
+                if rate.straight is not None:
+                    out = _rk.integrate_period_compiled(rate.straight[0], rate.straight[1], wiring, y, prob.span, dt,
+                                                        prob.tab, prob.rtol, prob.atol, prob.max_steps)
+                    if out is not None:
+                        prob.n_iterations += out[4]
+                        prob.n_evals += out[5]
+                        y, q, dt, dt_start = out[:4]
+            if out is None:
+                y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring,
+                                                 prebound=at(k) if prebind else None)
             dts.append(dt_start)
         except _rk.StepFailure as e:
             raise prob.fail(e, e.row, k) from None
@@ -949,6 +974,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     # inference mode: about 15% less overhead per operation than no_grad (neither pass
     # needs autograd: the Newton Jacobians are finite differences); the results are cloned
     # out of it, as the backward pass saves them
+    prob.compile = sens.compile
     with torch.no_grad():
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
         guess = guess_dt = None

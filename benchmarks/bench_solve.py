@@ -12,9 +12,10 @@ handling). Each case runs in its own process so that peak memory is its own.
     python benchmarks/bench_solve.py --device cuda --basins 256 --years 1   # on a GPU
 
 Sensitivities: ``torchdiffeq`` (the baseline), ``checkpoint`` (the default
-``CheckpointedAdjoint()``), ``checkpoint-seq`` and ``checkpoint-par`` (its forward pass
-forced sequential, or parallel in time with 2**20 rows in flight), ``adjoint``,
-``direct``. The first 20-day solve and gradient of each process is not timed.
+``CheckpointedAdjoint()``), ``checkpoint-compiled`` (``CheckpointedAdjoint(compile=True)``:
+the period-by-period forward's step compiled; compilation untimed, as diffrax's),
+``checkpoint-seq`` and ``checkpoint-par`` (its forward pass forced sequential, or
+parallel in time with 2**20 rows in flight), ``adjoint``, ``direct``. The first 20-day solve and gradient of each process is not timed.
 """
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ from adjointhydro.fluxes import Vars
 # first-call costs (lazy imports, kernel loading) untimed, as diffrax's compilation
 w = solve(model, forcing.select(steps=slice(0, 20)), sensitivity="checkpoint")
 w.discharge.sum().backward()
+if sens == "checkpoint-compiled":  # compilation untimed too (both step functions: the whole record)
+    with torch.no_grad():
+        solve(model, forcing, sensitivity=CheckpointedAdjoint(compile=True))
 model.zero_grad()
 res = []
 for r in range(repeat):
@@ -94,7 +98,8 @@ for r in range(repeat):
     else:
         sensitivity = {{"checkpoint": CheckpointedAdjoint(),
                        "checkpoint-seq": CheckpointedAdjoint(parallel_forward=False),
-                       "checkpoint-par": CheckpointedAdjoint(parallel_forward=True, max_rows=1 << 20)}}.get(sens, sens)
+                       "checkpoint-par": CheckpointedAdjoint(parallel_forward=True, max_rows=1 << 20),
+                       "checkpoint-compiled": CheckpointedAdjoint(compile=True)}}.get(sens, sens)
         sol = solve(model, forcing, sensitivity=sensitivity, rtol=1e-3, atol=1e-3)
         sync()
         t1 = time.perf_counter()

@@ -600,3 +600,52 @@ def test_freed_chunks_stay_mapped_unless_disabled(tmp_path):
     # else sits at the top of the heap (often they do: 20,000 faults a cycle)
     applied, _ = probe("0")
     assert not applied
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_eager_one():
+    """``CheckpointedAdjoint(compile=True)``: the period-by-period forward with a compiled
+    Runge-Kutta step gives the eager solve's daily discharge, steps and gradients to
+    rounding (compiles once, 10-20 s; the CI machines have a C++ compiler)."""
+    import warnings
+
+    forcing = synthetic_forcing(5, 60, seed=21)
+    obs = torch.rand(5, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = exphydro_m50(hidden=(8,))
+    out = {}
+    for compiled in (False, True):
+        model.zero_grad()
+        sens = CheckpointedAdjoint(parallel_forward=False, compile=compiled)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (a failed compilation warns)
+            sol = solve(model, forcing, sensitivity=sens)
+        ((sol.discharge - obs) ** 2).mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        out[compiled] = (sol.discharge.detach(), sol.stats["iterations"], sol.stats["flux_evaluations"], grads)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=1e-12)
+    assert out[True][1:3] == out[False][1:3]
+    torch.testing.assert_close(out[True][3], out[False][3], rtol=1e-10, atol=1e-12)
+
+
+def test_a_step_that_cannot_be_compiled_is_stepped_eagerly_with_a_warning(monkeypatch):
+    """Where ``torch.compile`` fails (no C++ compiler, say), ``compile=True`` warns once and
+    solves with the eager step: the same result as without it."""
+    import adjointhydro._rk as rk
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(rk, "_COMPILED", {})
+    monkeypatch.setattr(rk, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(torch, "compile", broken)
+    forcing = synthetic_forcing(3, 20, seed=22)
+    model = exphydro_m50(hidden=(8,))
+    with torch.no_grad():
+        ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False)).discharge
+        with pytest.warns(RuntimeWarning, match="compiling the Runge-Kutta step failed"):
+            q = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True)).discharge
+        again = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True)).discharge
+    torch.testing.assert_close(q, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)  # eager from then on, no second warning
