@@ -63,8 +63,8 @@ import torch
 from . import distributed as _dist
 from ._io import atomic_torch_save, atomic_write_text
 from .config import Config, build_physics_model, observed_name
-from .runs import (RunError, _dataset_part, _open_run_dir, _sigint_guard, _torch_load, _update_info, _write_json,
-                   load_run_config, period_masks, read_run_info, write_results)
+from .runs import (RunError, _dataset_part, _open_run_dir, _sensitivity, _sigint_guard, _torch_load, _update_info,
+                   _write_json, load_run_config, period_masks, read_run_info, write_results)
 
 __all__ = ["train_regional_run", "evaluate_regional_run", "regional_summary_table", "cv_folds_table",
            "is_regional_run", "read_regional_metrics", "read_regional_folds", "REGIONAL_METRICS"]
@@ -150,7 +150,7 @@ def _train_settings(cfg: Config, progress: bool, on_epoch) -> dict:
     return dict(
         warmup=g.warmup, window=g.window or None, batch_size=g.batch_basins, epochs=g.epochs, lr=g.lr,
         lr_schedule=None if g.lr_schedule == "constant" else g.lr_schedule, loss=g.loss, patience=g.patience,
-        val_every=g.val_every, sensitivity=s.sensitivity, method=s.method, rtol=s.rtol, atol=s.atol,
+        val_every=g.val_every, sensitivity=_sensitivity(cfg), method=s.method, rtol=s.rtol, atol=s.atol,
         grad_clip=g.grad_clip, progress=progress, on_epoch=on_epoch,
         dynamic_parameters=tuple(g.dynamic_parameters), dynamic_inputs=g.dynamic_inputs,
         dynamic_lookback=g.dynamic_lookback, dtype=_dtype(cfg),

@@ -200,7 +200,13 @@ def _segment(cfg: Config, end: np.datetime64 | None = None):
 
 
 def _sensitivity(cfg: Config):
-    return cfg.solver.sensitivity
+    """The configured sensitivity: its name, or a :class:`CheckpointedAdjoint` with a compiled step."""
+    s = cfg.solver
+    if s.sensitivity == "checkpoint" and s.compile:
+        from .solve import CheckpointedAdjoint
+
+        return CheckpointedAdjoint(parallel_forward=False if s.parallel_forward is False else None, compile=True)
+    return s.sensitivity
 
 
 def _solve_kw(cfg: Config) -> dict:

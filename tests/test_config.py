@@ -326,6 +326,19 @@ def test_solver_parallel_forward(tmp_path):
     assert "solver.parallel_forward" in msg and "'direct'" in msg
 
 
+def test_solver_compile(tmp_path):
+    """solver.compile = true gives the runs a checkpointed adjoint with a compiled step."""
+    from adjointhydro import CheckpointedAdjoint
+    from adjointhydro.runs import _sensitivity
+
+    cfg = load_config(write(tmp_path, GOOD + '[solver]\ncompile = true\nparallel_forward = false\n'), check_data=False)
+    sens = _sensitivity(cfg)
+    assert isinstance(sens, CheckpointedAdjoint) and sens.compile and sens.parallel_forward is False
+    assert _sensitivity(load_config(write(tmp_path, GOOD), check_data=False)) == "checkpoint"
+    msg = error_of(tmp_path, GOOD + '[solver]\nsensitivity = "direct"\ncompile = true\n', check_data=False)
+    assert "solver.compile" in msg and "'direct'" in msg
+
+
 def test_csv_folder_for_a_single_basin_run(tmp_path):
     """source = 'csv_folder' without attributes serves single-basin runs (here: simulate)."""
     from conftest import write_csv_folder
