@@ -13,6 +13,7 @@ mass balance holds by construction, also for every intermediate stage.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -339,9 +340,7 @@ def integrate_period_compiled(code: Callable, table: list, wiring: torch.Tensor,
     step = _compiled_step(code, table, tab, n, m)
     if step is None:
         return None
-    wt = wiring.t().contiguous()
-    wx = torch.cat([wt, _identity(m, dtype, device)], dim=0)
-    scal = torch.tensor([span, rtol, atol, span * 1e-10], dtype=dtype, device=device)
+    wt, wx, scal = _step_constants(wiring, dtype, device, span, rtol, atol)
     x = s = k = None  # the first step starts the period (stores and totals, first evaluation) itself
     n_evals = 1
     if dt0 is None or bool(torch.isnan(dt0).any()):
@@ -359,20 +358,38 @@ def integrate_period_compiled(code: Callable, table: list, wiring: torch.Tensor,
     while True:
         n_iter += 1
         if x is None:
-            x, s, h, k, done, fail = step[0](y0, h, wt, wx, scal, *tensors)
+            x, s, h, k, status, fail = step[0](y0, h, wt, wx, scal, *tensors)
         else:
-            x, s, h, k, done, fail = step[1](x, s, h, k, wt, wx, scal, *tensors)
+            x, s, h, k, status, fail = step[1](x, s, h, k, wt, wx, scal, *tensors)
         n_evals += len(tab.c) - 1
-        if bool(fail.any()):
+        status = int(status)  # (one synchronisation a step: 1 all rows done, 2 a row failed)
+        if status >= 2:
             r = int(fail.nonzero()[0])
             reason = "non-finite state" if not bool(torch.isfinite(x[:, r]).all()) else "step size underflow"
             raise StepFailure(r, float(s[r]), reason)
-        if bool(done):
+        if status == 1:
             break
         if n_iter >= max_steps:
             r = int((s < span * (1 - 1e-12)).nonzero()[0])
             raise StepFailure(r, float(s[r]), f"more than {max_steps} steps in one period")
     return x[:n].t(), x[n:].t(), h, dt_start, n_iter, n_evals
+
+
+_CONSTANTS: dict = {}  # (id(wiring), dtype, device, span, rtol, atol) -> (weak ref, (wt, wx, scalars))
+
+
+def _step_constants(wiring, dtype, device, span, rtol, atol) -> tuple:
+    """``wiring^T``, ``[wiring^T; eye]`` and the step's scalars as tensors, made once per solve setting."""
+    key = (id(wiring), dtype, device, span, rtol, atol)
+    ref, consts = _CONSTANTS.get(key, (None, None))
+    if ref is None or ref() is not wiring:
+        wt = wiring.t().contiguous().to(dtype)
+        wx = torch.cat([wt, _identity(wiring.shape[0], dtype, device)], dim=0)
+        consts = (wt, wx, torch.tensor([span, rtol, atol, span * 1e-10], dtype=dtype, device=device))
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = (weakref.ref(wiring), consts)
+    return consts
 
 
 def _compiled_step(code: Callable, table: list, tab: Tableau, n: int, m: int) -> Callable | None:
@@ -423,7 +440,7 @@ def _compiled_step(code: Callable, table: list, tab: Tableau, n: int, m: int) ->
         s = torch.where(accept, torch.where(last, span, s + h), s)
         k0 = torch.where(accept, ks[-1], k0)
         done = ~(((span - s) > span * 1e-12).any())
-        return x, s, h_next, k0, done, fail
+        return x, s, h_next, k0, done.to(torch.int8) + 2 * fail.any().to(torch.int8), fail
 
     def first(y0, h_prop, wt, wx, scal, *tensors):
         # the period's start: stores and zero totals, the first evaluation, then a step
