@@ -375,6 +375,22 @@ def integrate_period_compiled(code: Callable, table: list, wiring: torch.Tensor,
     return x[:n].t(), x[n:].t(), h, dt_start, n_iter, n_evals
 
 
+_CANONICAL: dict = {}  # value or equivalent module method -> the first object seen
+
+
+def _canonical(v):
+    """One object per value (numbers, strings) or per parameter-free module method (an
+    activation's ``forward``); anything else as it is."""
+    if isinstance(v, (bool, int, float, str)):
+        key = ("value", type(v), v)
+    elif (hasattr(v, "__self__") and isinstance(v.__self__, torch.nn.Module)
+          and not any(True for _ in v.__self__.parameters())):
+        key = ("method", type(v.__self__), repr(v.__self__), getattr(v, "__func__", None))
+    else:
+        return v
+    return _CANONICAL.setdefault(key, v)
+
+
 _CONSTANTS: dict = {}  # (id(wiring), dtype, device, span, rtol, atol) -> (weak ref, (wt, wx, scalars))
 
 
@@ -396,7 +412,9 @@ def _compiled_step(code: Callable, table: list, tab: Tableau, n: int, m: int) ->
     """One masked Runge-Kutta step of all rows, compiled once per structure."""
     if _COMPILE_FAILED:
         return None
-    fixed = tuple((i, t) for i, t in enumerate(table) if not isinstance(t, torch.Tensor))
+    # the same objects for equal entries (a new plan each solve makes new floats and bound
+    # methods): one compiled step serves every solve, and dynamo's guards see the same values
+    fixed = tuple((i, _canonical(t)) for i, t in enumerate(table) if not isinstance(t, torch.Tensor))
     key = (code, tuple((i, id(t)) for i, t in fixed), tab.name, n, m)
     if key in _COMPILED:
         return _COMPILED[key]

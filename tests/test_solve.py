@@ -625,6 +625,15 @@ def test_compiled_step_equals_the_eager_one():
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=1e-12)
     assert out[True][1:3] == out[False][1:3]
     torch.testing.assert_close(out[True][3], out[False][3], rtol=1e-10, atol=1e-12)
+    # a later solve (new plans: new floats and bound methods) reuses the compiled step
+    import adjointhydro._rk as rk
+
+    n_compiled = len(rk._COMPILED)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True))
+    assert len(rk._COMPILED) == n_compiled
+    torch.testing.assert_close(again.discharge, out[True][0], rtol=0, atol=0)
 
 
 def test_a_step_that_cannot_be_compiled_is_stepped_eagerly_with_a_warning(monkeypatch):
