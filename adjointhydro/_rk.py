@@ -185,8 +185,7 @@ def integrate_period(
         if dt0 is None or bool(torch.isnan(dt0).any()):
             with torch.no_grad():
                 k0 = k_first if k_first is not None else f_all(x[:n], s)
-                h0 = _initial_step(f_all, wt, y.detach(), s, k0.detach(), span, tab.order, rtol, atol)
-            dt0 = h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
+                dt0 = _chosen_steps(dt0, f_all, wt, y.detach(), s, k0.detach(), span, tab, rtol, atol)
             n_evals += 1 if k_first is not None else 2
             if groups > 1:
                 dt0 = dt0.view(groups, -1)[0].repeat(groups)
@@ -295,6 +294,12 @@ def _scatter(idx, full, part):
     return tuple(None if f is None else f.index_copy(f.dim() - 1, idx, p) for f, p in zip(full, part))
 
 
+def _chosen_steps(dt0, flux, wt, y0, s, k0, span, tab, rtol, atol):
+    """``dt0`` with its NaN entries (or all of it, where ``None``) chosen by :func:`_initial_step`."""
+    h0 = _initial_step(flux, wt, y0, s, k0, span, tab.order, rtol, atol)
+    return h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
+
+
 def _initial_step(flux, wt, y0, s, k0, span, order, rtol, atol):
     """Per-row first step (Hairer, Norsett & Wanner, II.4), so that a sharp start is not stepped over.
 
@@ -349,8 +354,7 @@ def integrate_period_compiled(code: Callable, table: list, wiring: torch.Tensor,
         x = torch.cat([y0.t(), torch.zeros(m, rows, dtype=dtype, device=device)], dim=0)
         s = torch.zeros(rows, dtype=dtype, device=device)
         k = code(x[:n], table)
-        h0 = _initial_step(flux, wt, x[:n], s, k, span, tab.order, rtol, atol)
-        dt0 = h0 if dt0 is None else torch.where(torch.isnan(dt0), h0.to(dt0.dtype), dt0)
+        dt0 = _chosen_steps(dt0, flux, wt, x[:n], s, k, span, tab, rtol, atol)
         n_evals += 1
     h = dt0.to(dtype).clamp(max=span)
     dt_start = h
@@ -424,13 +428,18 @@ def _compiled_step(code: Callable, table: list, tab: Tableau, n: int, m: int) ->
     b, e = tab.b, tab.e
     expo = -0.5 / (tab.order + 1)
 
-    def step(x, s, h_prop, k0, wt, wx, scal, *tensors):
-        span, rtol, atol, min_h = scal[0], scal[1], scal[2], scal[3]
+    def filled(tensors):
+        """The table of the rate function: its fixed entries and this call's tensors."""
         t = [None] * size
         for i, v in fixed:
             t[i] = v
         for i, v in zip(slots, tensors):
             t[i] = v
+        return t
+
+    def step(x, s, h_prop, k0, wt, wx, scal, *tensors):
+        span, rtol, atol, min_h = scal[0], scal[1], scal[2], scal[3]
+        t = filled(tensors)
         remaining = span - s
         active = remaining > span * 1e-12
         last = h_prop >= remaining
@@ -462,11 +471,7 @@ def _compiled_step(code: Callable, table: list, tab: Tableau, n: int, m: int) ->
 
     def first(y0, h_prop, wt, wx, scal, *tensors):
         # the period's start: stores and zero totals, the first evaluation, then a step
-        t = [None] * size
-        for i, v in fixed:
-            t[i] = v
-        for i, v in zip(slots, tensors):
-            t[i] = v
+        t = filled(tensors)
         y = y0.t()
         x = torch.cat([y, torch.zeros((m, y.shape[1]), dtype=y.dtype, device=y.device)], dim=0)
         s = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)

@@ -417,13 +417,18 @@ class _NeuralBase(nn.Module):
         ri = [j for j, n in enumerate(self._inputs) if n not in const and n not in plan.store_inputs]
         rest_w = w0[:, ri] if ri else None
         layers = plan.layers[1:]
-        rows = next((t.shape[-1] for t in const.values() if isinstance(t, torch.Tensor) and t.dim()), None)
+        rows = _rows_of(const)
         if rows is not None:
             # biases as [out, rows] views: a CPU addmm with a [out, 1] bias takes twice as long
             first = first.expand(-1, rows)
             layers = tuple((w, b.expand(-1, rows), act) for w, b, act in layers)
         return _Bound(first, plan.store_w, rest_w, tuple(self._inputs[j] for j in ri),
                       ((None, None, act0),) + layers, plan.out_scale, plan.beta)
+
+
+def _rows_of(const: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of rows of bound constants ``[rows]`` (``None``: none has a row dimension)."""
+    return next((t.shape[-1] for t in const.values() if isinstance(t, torch.Tensor) and t.dim()), None)
 
 
 class NeuralFlux(_NeuralBase, Flux):

@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars, _NeuralBase
+from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars, _NeuralBase, _rows_of
 from ._trace import split_flux
 
 __all__ = ["Store", "Parameter", "Model", "ModelError"]
@@ -429,7 +429,7 @@ class _PreparedRates:
         strided slices make every evaluation slower).
         """
         bound, const, folded, split = self._bind_parts(const)
-        N = next((t.shape[-1] for t in const.values() if isinstance(t, torch.Tensor) and t.dim()), per)
+        N = _rows_of(const) or per
         c = N // per
 
         def by_period(t):

@@ -321,14 +321,9 @@ class _Problem:
 
         return at
 
-    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None, groups=1,
-               prebound=None):
-        """Integrate rows over their periods.
-
-        ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
-        ``b_idx``/``k_idx`` give each row's basin and period (``None`` = all basins, one period ``k_idx``).
-        ``prebound``: the rate function of all rows, bound already (:meth:`bind_periods`).
-        """
+    def _flux_for(self, fvals, params, b_idx, k_idx):
+        """``flux_for(idx)`` of :func:`_rk.integrate_period` for the rows of :meth:`period`:
+        each call binds the period's constants of the rows ``idx`` (``None``: all)."""
         if b_idx is None:
             pr = params
             fk = fvals[:, k_idx]
@@ -358,8 +353,6 @@ class _Problem:
 
         def flux_for(idx):
             """Rate function for the rows ``idx``, with this period's constants bound once."""
-            if idx is None and prebound is not None:
-                return prebound
             p_, f_ = (prT, fkT) if idx is None else (prT[:, idx], fkT[:, idx])
             const = Vars(zip(pnames, p_.unbind(0)))
             if fpT is None:
@@ -382,6 +375,26 @@ class _Problem:
                 return bound(y, Vars(zip(fnames, f.unbind(0))))
 
             return rate
+
+        return flux_for
+
+    def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None, groups=1,
+               prebound=None):
+        """Integrate rows over their periods.
+
+        ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
+        ``b_idx``/``k_idx`` give each row's basin and period (``None`` = all basins, one period ``k_idx``).
+        ``prebound``: the rate function of all rows, bound already (:meth:`bind_periods`).
+        """
+        general = None  # (the general binding, made only where needed)
+
+        def flux_for(idx):
+            nonlocal general
+            if idx is None and prebound is not None:
+                return prebound
+            if general is None:
+                general = self._flux_for(fvals, params, b_idx, k_idx)
+            return general(idx)
 
         y1, q, dt, dt_start, it, ne = _rk.integrate_period(
             flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step,
@@ -426,10 +439,10 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
             # the periods of the next stretch bound at once (at most _BIND_ROWS rows)
             k_end = min(T, k + max(1, _BIND_ROWS // B))
             at = prob.bind_periods(fvals, params, k, k_end)
+        rate = at(k) if prebind else None
         try:
             out = None
             if compiled:
-                rate = at(k)
                 if rate.straight is not None:
                     out = _rk.integrate_period_compiled(rate.straight[0], rate.straight[1], wiring, y, prob.span, dt,
                                                         prob.tab, prob.rtol, prob.atol, prob.max_steps)
@@ -438,8 +451,7 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
                         prob.n_evals += out[5]
                         y, q, dt, dt_start = out[:4]
             if out is None:
-                y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring,
-                                                 prebound=at(k) if prebind else None)
+                y, q, dt, dt_start = prob.period(y, fvals, params, None, k, dt, wiring, prebound=rate)
             dts.append(dt_start)
         except _rk.StepFailure as e:
             raise prob.fail(e, e.row, k) from None
