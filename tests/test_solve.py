@@ -603,15 +603,18 @@ def test_freed_chunks_stay_mapped_unless_disabled(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_the_eager_one():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_compiled_step_equals_the_eager_one(device):
     """``CheckpointedAdjoint(compile=True)``: the period-by-period forward with a compiled
     Runge-Kutta step gives the eager solve's daily discharge, steps and gradients to
-    rounding (compiles once, 10-20 s; the CI machines have a C++ compiler)."""
+    rounding (compiles once, 10-20 s; the CI machines have a C++ compiler; on a GPU the
+    step is Triton kernels)."""
     import warnings
 
-    forcing = synthetic_forcing(5, 60, seed=21)
-    obs = torch.rand(5, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    model = exphydro_m50(hidden=(8,))
+    forcing = synthetic_forcing(5, 60, seed=21).to(device=device)
+    obs = torch.rand(5, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    model = exphydro_m50(hidden=(8,)).to(device)
     out = {}
     for compiled in (False, True):
         model.zero_grad()
@@ -622,9 +625,11 @@ def test_compiled_step_equals_the_eager_one():
         ((sol.discharge - obs) ** 2).mean().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         out[compiled] = (sol.discharge.detach(), sol.stats["iterations"], sol.stats["flux_evaluations"], grads)
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=1e-12)
+    # (GPU kernels fuse differently from eager ones: rounding may differ there, not the steps)
+    tol = 1e-12 if device == "cpu" else 1e-10
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=tol, atol=tol)
     assert out[True][1:3] == out[False][1:3]
-    torch.testing.assert_close(out[True][3], out[False][3], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[True][3], out[False][3], rtol=100 * tol, atol=tol)
     # a later solve (new plans: new floats and bound methods) reuses the compiled step
     import adjointhydro._rk as rk
 
