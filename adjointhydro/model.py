@@ -450,16 +450,33 @@ class _PreparedRates:
         splits = None if split is None else [
             None if sp is None else (sp[0], sp[1], [(t, by_period(t)) for t in sp[2]]) for sp in split]
 
-        def at(k: int) -> Callable[..., torch.Tensor]:
-            bound_k = [None if nt is None else (nt[0] if nt[1] is None else nt[0]._replace(first=nt[1][k]))
+        def parts(pick: Callable) -> tuple:
+            """The bound parts with each per-period tensor ``tp`` replaced by ``pick(tp)``."""
+            bound_k = [None if nt is None else (nt[0] if nt[1] is None else nt[0]._replace(first=pick(nt[1])))
                        for nt in nets]
-            const_k = Vars((name, t if tp is None else tp[k]) for name, t, tp in consts)
+            const_k = Vars((name, t if tp is None else pick(tp)) for name, t, tp in consts)
             split_k = None if splits is None else [
-                None if sp is None else (sp[0], sp[1], tuple(t if tp is None else tp[k] for t, tp in sp[2]))
+                None if sp is None else (sp[0], sp[1], tuple(t if tp is None else pick(tp) for t, tp in sp[2]))
                 for sp in splits]
-            return self._function((bound_k, const_k, folded, split_k), straight)
+            return bound_k, const_k, folded, split_k
+
+        def at(k: int) -> Callable[..., torch.Tensor]:
+            return self._function(parts(lambda tp: tp[k]), straight)
+
+        def stretch() -> tuple | None:
+            """``(fused, table, stacked)`` for a compiled step over the whole stretch
+            (:func:`adjointhydro._rk.integrate_stretch_compiled`): the generated function
+            with fused layers, its table with each per-period entry stacked ``[c, ..., per]``,
+            and which entries are (``None`` without a generated function)."""
+            if straight is None:
+                return None
+            table = straight[1](parts(lambda tp: tp))
+            first = straight[1](parts(lambda tp: tp[0]))
+            # an entry made from per-period tensors differs from period 0's (shared: the same object)
+            return straight[2], table, [isinstance(a, torch.Tensor) and a is not b for a, b in zip(table, first)]
 
         straight = self._straight((bound, const, folded, split))  # (one structure for all periods)
+        at.stretch = stretch
         return at
 
     def _bind_parts(self, const: Vars) -> tuple:
@@ -487,18 +504,20 @@ class _PreparedRates:
                 v.update(extra)
             return torch.stack(model._evaluate(v, bound, stores, folded, split), dim=0)
 
-        rates.straight = None if code is None else (code, table)  # (for a compiled step, _rk)
+        # (for a compiled step, _rk: the function with fused layers, and its table)
+        rates.straight = None if code is None else (straight[2], table)
         return rates
 
-    def _straight(self, parts: tuple) -> tuple[Callable, Callable] | None:
+    def _straight(self, parts: tuple) -> tuple[Callable, Callable, Callable] | None:
         """The rates of ``parts``' structure as one generated straight-line function, or ``None``.
 
-        Returns ``(code, table)``: ``code(stores, table(parts))`` equals the general
+        Returns ``(code, table, fused)``: ``code(stores, table(parts))`` equals the general
         evaluation without autograd and without varying inputs (the same operations in the
         same order; the dictionaries, loops and branches of :meth:`Model._evaluate` cost
         about a fifth of an evaluation of EXP-HYDRO M50). Made for models whose fluxes are
         all constant, split physics or plain networks (no partition); others keep the
-        general evaluation.
+        general evaluation. ``fused`` is ``code`` with each layer's matrix product written
+        as a broadcast product and sum (equal to rounding), for a compiled step.
         """
         bound, const, folded, split = parts
         key = (folded, None if split is None else tuple(sp is None for sp in split),
@@ -545,7 +564,7 @@ class _PreparedRates:
         return const, tuple(folded), split
 
 
-def _generate(model: Model, parts: tuple) -> tuple[Callable, Callable] | None:
+def _generate(model: Model, parts: tuple) -> tuple[Callable, Callable, Callable] | None:
     """Source of :meth:`_PreparedRates._straight` for ``parts``' structure, compiled."""
     bound, const, folded, split = parts
     lines = ["def rates(stores, t):"]
@@ -577,17 +596,17 @@ def _generate(model: Model, parts: tuple) -> tuple[Callable, Callable] | None:
                 return None
             x = entry(lambda p, i=i: p[0][i].first)
             if bd.store_w is not None:
-                lines.append(f"    x = torch.addmm({x}, {entry(lambda p, i=i: p[0][i].store_w)}, stores)")
+                lines.append(f"    x = addmm({x}, {entry(lambda p, i=i: p[0][i].store_w)}, stores)")
                 x = "x"
             if bd.rest:
                 xr = ", ".join(env[n] for n in bd.rest)
-                lines.append(f"    x = torch.addmm({x}, {entry(lambda p, i=i: p[0][i].rest_w)}, torch.stack([{xr}], 0))")
+                lines.append(f"    x = addmm({x}, {entry(lambda p, i=i: p[0][i].rest_w)}, torch.stack([{xr}], 0))")
                 x = "x"
             for li, (w, b, act) in enumerate(bd.layers):
                 if li:
                     w_ = entry(lambda p, i=i, li=li: p[0][i].layers[li][0])
                     b_ = entry(lambda p, i=i, li=li: p[0][i].layers[li][1])
-                    lines.append(f"    x = torch.addmm({b_}, {w_}, {x})")
+                    lines.append(f"    x = addmm({b_}, {w_}, {x})")
                     x = "x"
                 if act is not None:
                     lines.append(f"    x = {entry(lambda p, i=i, li=li: p[0][i].layers[li][2])}({x})")
@@ -614,14 +633,25 @@ def _generate(model: Model, parts: tuple) -> tuple[Callable, Callable] | None:
     lines.append(f"    return torch.stack([{', '.join(env[n] for n in model.flux_names)}], 0)")
     src = "\n".join(lines)
     if src not in _GENERATED:  # (compiling costs about 0.5 ms: once per structure, not per solve)
-        scope = {"torch": torch, "softplus": nn.functional.softplus}
-        exec(compile(src, "<adjointhydro generated rates>", "exec"), scope)
-        _GENERATED[src] = scope["rates"]
+        pair = []
+        for addmm in (torch.addmm, _fused_addmm):
+            scope = {"torch": torch, "softplus": nn.functional.softplus, "addmm": addmm}
+            exec(compile(src, "<adjointhydro generated rates>", "exec"), scope)
+            pair.append(scope["rates"])
+        _GENERATED[src] = tuple(pair)
 
     def table(p: tuple) -> list:
         return [pick(p) for pick in picks]
 
-    return _GENERATED[src], table
+    return _GENERATED[src][0], table, _GENERATED[src][1]
 
 
-_GENERATED: dict[str, Callable] = {}  # source -> function (:func:`_generate`)
+def _fused_addmm(bias: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.addmm(bias, weight, x)`` as a broadcast product and a sum, for ``torch.compile``:
+    the compiler fuses a layer written so with the activations around it into one loop,
+    where a matrix product stays a library call of its own (a few microseconds each, for
+    the small layers of a flux network; the whole step costs about 30 of them)."""
+    return bias + (weight.unsqueeze(2) * x.unsqueeze(0)).sum(1)
+
+
+_GENERATED: dict[str, tuple] = {}  # source -> functions, with library and fused layers (:func:`_generate`)

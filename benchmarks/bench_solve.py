@@ -82,9 +82,9 @@ from adjointhydro.fluxes import Vars
 # first-call costs (lazy imports, kernel loading) untimed, as diffrax's compilation
 w = solve(model, forcing.select(steps=slice(0, 20)), sensitivity="checkpoint")
 w.discharge.sum().backward()
-if sens.endswith("compiled"):  # compilation untimed too (both step functions: the whole record)
+if sens == "checkpoint-compiled":  # compilation untimed too (the whole record: every stretch's shape)
     with torch.no_grad():
-        solve(model, forcing, sensitivity=CheckpointedAdjoint(compile=True, parallel_forward=False))
+        solve(model, forcing, sensitivity=CheckpointedAdjoint(compile=True))
 model.zero_grad()
 res = []
 for r in range(repeat):
@@ -99,8 +99,7 @@ for r in range(repeat):
         sensitivity = {{"checkpoint": CheckpointedAdjoint(),
                        "checkpoint-seq": CheckpointedAdjoint(parallel_forward=False),
                        "checkpoint-par": CheckpointedAdjoint(parallel_forward=True, max_rows=1 << 20),
-                       "checkpoint-compiled": CheckpointedAdjoint(compile=True),
-                       "checkpoint-seq-compiled": CheckpointedAdjoint(compile=True, parallel_forward=False)}}.get(sens, sens)
+                       "checkpoint-compiled": CheckpointedAdjoint(compile=True)}}.get(sens, sens)
         sol = solve(model, forcing, sensitivity=sensitivity, rtol=1e-3, atol=1e-3)
         sync()
         t1 = time.perf_counter()
