@@ -111,11 +111,12 @@ WORK_LIMIT = "work limit"  # StepFailure.reason when max_work is exceeded
 class StepFailure(RuntimeError):
     """A row could not be advanced (non-finite state or step-size underflow)."""
 
-    def __init__(self, row: int, time: float, reason: str) -> None:
+    def __init__(self, row: int, time: float, reason: str, period: int = 0) -> None:
         super().__init__(reason)
         self.row = row
-        self.time = time
+        self.time = time  # within the period
         self.reason = reason
+        self.period = period  # of a stretch (integrate_stretch_compiled)
 
 
 def integrate_period(
@@ -367,7 +368,7 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
     tensors = [t if not st or cp == c else torch.cat([t, t[-1:].expand((cp - c,) + t.shape[1:])])
                for t, st in zip(table, stacked) if isinstance(t, torch.Tensor)]
     flags = tuple(bool(st) for t, st in zip(table, stacked) if isinstance(t, torch.Tensor))
-    step = _compiled_stretch(code, table, flags, tab, n, m)
+    step = _compiled_stretch(code, table, flags, tab, n, m, device.type)
     if step is None:
         return None
     wt, wx, scal = _step_constants(wiring, dtype, device, span, rtol, atol)
@@ -406,9 +407,7 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
             r = int(why.nonzero()[0])
             reason = {1: "step size underflow", 2: "non-finite state",
                       3: f"more than {max_steps} steps in one period"}[int(why[r])]
-            err = StepFailure(r, float(s[r]), reason)
-            err.period = int(p[r])
-            raise err
+            raise StepFailure(r, float(s[r]), reason, int(p[r]))
         if status == 1:
             break
     return X[:, :n], X[:, n:], DT, h, n_iter, n_evals
@@ -447,7 +446,8 @@ def _step_constants(wiring, dtype, device, span, rtol, atol) -> tuple:
     return consts
 
 
-def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n: int, m: int) -> Callable | None:
+def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n: int, m: int,
+                      device_type: str) -> Callable | None:
     """:data:`_MICRO_STEPS` masked Runge-Kutta steps of all rows across period ends,
     compiled once per structure."""
     if _COMPILE_FAILED:
@@ -455,7 +455,7 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
     # the same objects for equal entries (a new plan each solve makes new floats and bound
     # methods): one compiled step serves every solve, and dynamo's guards see the same values
     fixed = tuple((i, _canonical(t)) for i, t in enumerate(table) if not isinstance(t, torch.Tensor))
-    key = (code, tuple((i, id(t)) for i, t in fixed), flags, tab.name, n, m)
+    key = (code, tuple((i, id(t)) for i, t in fixed), flags, tab.name, n, m, device_type)
     if key in _COMPILED:
         return _COMPILED[key]
     slots = [i for i, t in enumerate(table) if isinstance(t, torch.Tensor)]
@@ -510,10 +510,11 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
             h_next = torch.where(accept & last & (h_next < h_prop), h_prop, h_next)
             h_prop = torch.where(alive, h_next, h_prop)
             nst = nst + alive.to(nst.dtype)
-            # why a row fails (the first reason kept): 1 step size underflow, 2 a non-finite
-            # rate or state, 3 too many steps in one period
+            # why a row fails (the first reason kept): 1 step size underflow, 2 a NaN rate or
+            # state (its step proposal would be NaN from then on), 3 too many steps in one
+            # period; an infinite error (an overflowing trial step) is a rejection
             why = torch.where(why > 0, why, torch.where(
-                ~alive, 0, torch.where(~torch.isfinite(r2), 2, torch.where(
+                ~alive, 0, torch.where(torch.isnan(r2), 2, torch.where(
                     ~accept & (h < 5.0 * min_h), 1, torch.where(nst >= max_steps, 3, 0)))))
             x = torch.where(accept, x_new, x)
             end = accept & last
@@ -532,7 +533,11 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
                 torch.stack(at), torch.stack(hs), status, why)
 
     try:
-        fn = _guarded(torch.compile(steps, fullgraph=True, dynamic=False), steps)
+        # on a CPU the compiled function's wrapper in C++, not Python: it allocates the
+        # step's few hundred intermediate buffers (1.2-1.4x at 1-16 basins, 5-10 s more
+        # compiling)
+        options = {"cpp_wrapper": True} if device_type == "cpu" else None
+        fn = _guarded(torch.compile(steps, fullgraph=True, dynamic=False, options=options), steps)
     except Exception as err:  # (torch.compile itself unavailable)
         _compile_failed(err)
         return None

@@ -6,9 +6,11 @@ steps; each step is one solve, the mean squared error and its gradient. "cold" g
 every step a new ``CheckpointedAdjoint()``, as ``bench_solve.py`` does (one solve on
 its own, what the comparison with diffrax measures); "warm" keeps one instance for the
 loop, as :func:`adjointhydro.training.train` does, so that each Newton forward pass
-(up to 32 basins on a CPU) starts from the previous step's trajectory. Prints the
-median seconds per step (the first two steps untimed) and the final loss of each,
-which must agree: the warm start changes the work, not the solution.
+(up to 32 basins on a CPU) starts from the previous step's trajectory; "compiled"
+keeps one ``CheckpointedAdjoint(compile=True)`` (compiled once, in the untimed first
+steps: a training loop changes values, not shapes). Prints the median seconds per step
+(the first two steps untimed) and the final loss of each, which must agree: neither
+changes the solution.
 
     python benchmarks/bench_training_loop.py --basins 1 16 --steps 12
 """
@@ -38,16 +40,16 @@ def main() -> None:
 
     print(f"# torch {torch.__version__}, threads={args.threads}, float64, {args.years} year(s), "
           f"{args.steps} Adam steps")
-    print(f"{'basins':>6} {'forward':>6} {'median s/step':>14} {'basin-days/s':>13} {'final loss':>12}")
+    print(f"{'basins':>6} {'forward':>8} {'median s/step':>14} {'basin-days/s':>13} {'final loss':>12}")
     for B in args.basins:
         fv, target = problem(B, args.years)
         forcing = Forcing(fv, ("P", "T", "PET"))
         obs = torch.from_numpy(target)
-        for mode in ("cold", "warm"):
+        for mode in ("cold", "warm", "compiled"):
             torch.manual_seed(0)
             model = exphydro_m50()
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            kept = CheckpointedAdjoint()
+            kept = CheckpointedAdjoint(compile=mode == "compiled")
             times = []
             for _ in range(args.steps):
                 sens = CheckpointedAdjoint() if mode == "cold" else kept
@@ -59,7 +61,7 @@ def main() -> None:
                 opt.step()
             times = sorted(times[2:])
             med = times[len(times) // 2]
-            print(f"{B:>6} {mode:>6} {med:>14.3f} {B * fv.shape[1] / med:>13,.0f} {float(loss.detach()):>12.6f}")
+            print(f"{B:>6} {mode:>8} {med:>14.3f} {B * fv.shape[1] / med:>13,.0f} {float(loss.detach()):>12.6f}")
 
 
 if __name__ == "__main__":
