@@ -13,6 +13,7 @@ mass balance holds by construction, also for every intermediate stage.
 """
 from __future__ import annotations
 
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -368,7 +369,8 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
     tensors = [t if not st or cp == c else torch.cat([t, t[-1:].expand((cp - c,) + t.shape[1:])])
                for t, st in zip(table, stacked) if isinstance(t, torch.Tensor)]
     flags = tuple(bool(st) for t, st in zip(table, stacked) if isinstance(t, torch.Tensor))
-    step = _compiled_stretch(code, table, flags, tab, n, m, device.type)
+    shapes = (rows, tuple((tuple(t.shape), t.dtype) for t in tensors))
+    step = _compiled_stretch(code, table, flags, tab, n, m, shapes, device.type)
     if step is None:
         return None
     wt, wx, scal = _step_constants(wiring, dtype, device, span, rtol, atol)
@@ -447,15 +449,15 @@ def _step_constants(wiring, dtype, device, span, rtol, atol) -> tuple:
 
 
 def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n: int, m: int,
-                      device_type: str) -> Callable | None:
+                      shapes: tuple, device_type: str) -> Callable | None:
     """:data:`_MICRO_STEPS` masked Runge-Kutta steps of all rows across period ends,
-    compiled once per structure."""
+    compiled once per structure and ``shapes`` (of the state and the table's tensors)."""
     if _COMPILE_FAILED:
         return None
     # the same objects for equal entries (a new plan each solve makes new floats and bound
     # methods): one compiled step serves every solve, and dynamo's guards see the same values
     fixed = tuple((i, _canonical(t)) for i, t in enumerate(table) if not isinstance(t, torch.Tensor))
-    key = (code, tuple((i, id(t)) for i, t in fixed), flags, tab.name, n, m, device_type)
+    key = (code, tuple((i, id(t)) for i, t in fixed), flags, tab.name, n, m, shapes, device_type)
     if key in _COMPILED:
         return _COMPILED[key]
     slots = [i for i, t in enumerate(table) if isinstance(t, torch.Tensor)]
@@ -532,6 +534,13 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
         return (x, s, h_prop, kf, p, nst, fresh, torch.stack(snaps), torch.stack(ended), torch.stack(started),
                 torch.stack(at), torch.stack(hs), status, why)
 
+    # a code object of its own for each structure and shape: dynamo counts the variants
+    # compiled from one code object, and past its limit (8) a full-graph compilation
+    # fails, which would end compiling for the process
+    steps = types.FunctionType(steps.__code__.replace(co_name=f"stretch_steps_{len(_COMPILED)}"),
+                               steps.__globals__, steps.__name__, steps.__defaults__, steps.__closure__)
+    if len(_COMPILED) >= 64:
+        _COMPILED.clear()
     try:
         # on a CPU the compiled function's wrapper in C++, not Python: it allocates the
         # step's few hundred intermediate buffers (1.2-1.4x at 1-16 basins, 5-10 s more

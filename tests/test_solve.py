@@ -676,6 +676,24 @@ def test_compiled_stretches_equal_the_eager_solve_and_report_failures(monkeypatc
         solve(m, bad, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True))
 
 
+@pytest.mark.slow
+def test_compiled_steppers_of_many_shapes_do_not_exhaust_dynamos_recompile_limit(monkeypatch):
+    """Each structure and shape compiles its own code object: a process that compiles
+    more variants than dynamo's recompile limit (8; here 1) keeps compiling, where one
+    shared code object would fail its full-graph compilation and end compiling."""
+    import warnings
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = reservoir_cascade(1)
+    for basins in (2, 3):
+        forcing = synthetic_forcing(basins, 12, seed=basins)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (a failed compilation warns)
+            got = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True))
+            ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False))
+        torch.testing.assert_close(got.discharge, ref.discharge, rtol=1e-12, atol=1e-12)
+
+
 def test_a_step_that_cannot_be_compiled_is_stepped_eagerly_with_a_warning(monkeypatch):
     """Where ``torch.compile`` fails (no C++ compiler, say), ``compile=True`` warns once and
     solves with the eager step: the same result as without it."""
