@@ -504,8 +504,6 @@ class _PreparedRates:
                 v.update(extra)
             return torch.stack(model._evaluate(v, bound, stores, folded, split), dim=0)
 
-        # (for a compiled step, _rk: the function with fused layers, and its table)
-        rates.straight = None if code is None else (straight[2], table)
         return rates
 
     def _straight(self, parts: tuple) -> tuple[Callable, Callable, Callable] | None:

@@ -329,7 +329,6 @@ class _Problem:
                 return bound(y)
 
             rate_const.uses_time = False
-            rate_const.straight = bound.straight
             return rate_const
 
         at.stretch = at_rows.stretch
@@ -1020,7 +1019,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     parallel = sens.parallel_forward
     if parallel is None and sens.compile:
         # the compiled stepper is the period-by-period one; where the parallel forward is
-        # faster even so (measured: a few basins on a CPU, hundreds on a GPU), that one
+        # faster even so (measured: a few basins on a CPU, up to about a thousand on a GPU), that one
         limit = _COMPILED_PARALLEL_MAX_BASINS["cuda" if y0.device.type == "cuda" else "cpu"]
         parallel = B <= limit and fvals.shape[1] > 1 and prob.tab.e is not None
     if parallel is None:
