@@ -1012,12 +1012,35 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     return Y, torch.cat(Qs).transpose(0, 1), torch.cat(DTs).transpose(0, 1)
 
 
+def _compilable(prob: _Problem, fvals, params) -> bool:
+    """Whether the compiled stepper can take this solve (``CheckpointedAdjoint(compile=True)``);
+    warns where it cannot, saying why (the solve then goes on as without ``compile``)."""
+    why = None
+    if prob.fixed_step is not None or prob.tab.e is None or not prob.tab.fsal:
+        why = f"method {prob.tab.name!r}: it needs an adaptive method with an error estimate (dopri5, bosh3)"
+    elif not (prob.mode == "constant" or fvals.shape[1] == 1):
+        why = f"forcing mode {prob.mode!r}: it needs piecewise-constant forcing"
+    else:
+        with torch.no_grad():
+            if prob.bind_periods(fvals.detach(), params.detach(), 0, 1).stretch() is None:
+                why = (f"model {prob.model.name!r}: a flux the generated code cannot take (a network "
+                       f"partitioned into several fluxes, a flux run as written, or one reading an input "
+                       f"that varies within a period)")
+    if why is not None:
+        import warnings
+
+        warnings.warn(f"CheckpointedAdjoint(compile=True) cannot compile this solve, {why}; "
+                      f"it is solved as without compile", RuntimeWarning, stacklevel=4)
+    return why is None
+
+
 def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params, fvals):
     """Forward pass without a graph: parallel-in-time where it pays, else period by period."""
     wiring = prob.model.wiring_matrix.to(y0.dtype)
     B = y0.shape[0]
     parallel = sens.parallel_forward
-    if parallel is None and sens.compile:
+    compiled = sens.compile and _compilable(prob, fvals, params)
+    if parallel is None and compiled:
         # the compiled stepper is the period-by-period one; where the parallel forward is
         # faster even so (measured: a few basins on a CPU, up to about a thousand on a GPU), that one
         limit = _COMPILED_PARALLEL_MAX_BASINS["cuda" if y0.device.type == "cuda" else "cpu"]
@@ -1030,7 +1053,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     # inference mode: about 15% less overhead per operation than no_grad (neither pass
     # needs autograd: the Newton Jacobians are finite differences); the results are cloned
     # out of it, as the backward pass saves them
-    prob.compile = sens.compile
+    prob.compile = compiled
     with torch.no_grad():
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
         guess = guess_dt = None

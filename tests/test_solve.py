@@ -694,6 +694,23 @@ def test_compiled_steppers_of_many_shapes_do_not_exhaust_dynamos_recompile_limit
         torch.testing.assert_close(got.discharge, ref.discharge, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["m100", "rk4"])
+def test_compile_says_why_it_cannot_take_a_solve_and_solves_as_without(case):
+    """``compile=True`` for a solve the compiled stepper cannot take (a partitioning
+    network, a fixed-step method) warns with the reason and gives the default result."""
+    from adjointhydro.models import exphydro_m100
+
+    forcing = synthetic_forcing(6, 15, seed=24)
+    torch.manual_seed(0)
+    model = exphydro_m100(hidden=(8,)) if case == "m100" else exphydro_m50(hidden=(8,))
+    kw = {"method": "rk4"} if case == "rk4" else {}
+    with torch.no_grad():
+        ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(), **kw).discharge
+        with pytest.warns(RuntimeWarning, match="cannot compile this solve, " + ("model" if case == "m100" else "method")):
+            q = solve(model, forcing, sensitivity=CheckpointedAdjoint(compile=True), **kw).discharge
+    torch.testing.assert_close(q, ref, rtol=0, atol=0)
+
+
 def test_a_step_that_cannot_be_compiled_is_stepped_eagerly_with_a_warning(monkeypatch):
     """Where ``torch.compile`` fails (no C++ compiler, say), ``compile=True`` warns once and
     solves with the eager step: the same result as without it."""
