@@ -75,10 +75,11 @@ _NEWTON_STEPS_PER_ROW = 24
 _NEWTON_MAX_STEPS = 500
 _GPU_MAX_ROWS = 1 << 20
 # With CheckpointedAdjoint(compile=True), batches up to this size keep the parallel
-# forward, which is faster for them: on the 2-core CPU 1 basin x 1 year took 0.02 s
-# parallel, 0.03 s compiled (16 basins: 0.11 against 0.04 s); on one H200, 256 basins
-# 0.21 against 0.26 s forward, 4,096 basins 0.52 against 0.29 s
-_COMPILED_PARALLEL_MAX_BASINS = {"cpu": 4, "cuda": 1024}
+# forward, which is faster for them: on the 2-core CPU, forward of 1 year, parallel
+# against compiled, 1 basin 0.023 against 0.032 s, 4 basins 0.049 against 0.036 s, 16
+# basins 0.11 against 0.04 s; on one H200, 256 basins 0.21 against 0.26 s, 4,096 basins
+# 0.52 against 0.29 s
+_COMPILED_PARALLEL_MAX_BASINS = {"cpu": 2, "cuda": 1024}
 # The period-by-period solve binds the constants of this many rows (basin x period) at once:
 # binding one period alone costs more than an evaluation of the fluxes (on a GPU, where
 # a launch costs more than the arithmetic, more: a compiled stepper then takes many
@@ -141,7 +142,7 @@ class CheckpointedAdjoint:
             faster than without (16-256 basins), after a one-off compilation of about a
             minute per model structure, batch size and precision (like a JAX ``jit``;
             seconds when inductor's disk cache has it); results agree with the eager
-            solve to rounding. Batches for which the parallel forward is faster (up to 4
+            solve to rounding. Batches for which the parallel forward is faster (up to 2
             basins on a CPU, 1,024 on a GPU) keep it unless ``parallel_forward=False``.
             Where compiling fails (no C++ compiler), the eager step is used, with a
             warning.
