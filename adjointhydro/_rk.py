@@ -375,17 +375,16 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
         return None
     wt, wx, scal = _step_constants(wiring, dtype, device, span, rtol, atol)
     x = torch.cat([y0.t(), torch.zeros(m, rows, dtype=dtype, device=device)], dim=0)
+    s = torch.zeros(rows, dtype=dtype, device=device)
     n_evals = 0
     if dt0 is None or bool(torch.isnan(dt0).any()):
         first = [t[0] if st else t for t, st in zip(table, stacked)]
 
         def flux(y, s_):
             return code(y, first)
-        s = torch.zeros(rows, dtype=dtype, device=device)
         dt0 = _chosen_steps(dt0, flux, wt, x[:n], s, code(x[:n], first), span, tab, rtol, atol)
         n_evals += 2
     h = dt0.to(dtype).clamp(max=span)
-    s = torch.zeros(rows, dtype=dtype, device=device)
     kf = torch.zeros(m, rows, dtype=dtype, device=device)
     p = torch.zeros(rows, dtype=torch.int64, device=device)
     nst = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -555,7 +554,8 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
 
 
 def _times(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``w @ v`` for a small ``w`` (the wiring), written so that the compiler fuses it."""
+    """``w @ v`` for a small ``w`` (the wiring, a flux network's layer) as a broadcast
+    product and a sum, which the compiler fuses with the operations around it."""
     return (w.unsqueeze(2) * v.unsqueeze(0)).sum(1)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .fluxes import Flux, NeuralFlux, NeuralFluxGroup, Vars, _NeuralBase, _rows_of
+from ._rk import _times
 from ._trace import split_flux
 
 __all__ = ["Store", "Parameter", "Model", "ModelError"]
@@ -649,7 +650,7 @@ def _fused_addmm(bias: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> t
     the compiler fuses a layer written so with the activations around it into one loop,
     where a matrix product stays a library call of its own (a few microseconds each, for
     the small layers of a flux network; the whole step costs about 30 of them)."""
-    return bias + (weight.unsqueeze(2) * x.unsqueeze(0)).sum(1)
+    return bias + _times(weight, x)
 
 
 _GENERATED: dict[str, tuple] = {}  # source -> functions, with library and fused layers (:func:`_generate`)

@@ -444,9 +444,8 @@ def _forward_sequential(prob: _Problem, y0, fvals, params, wiring, k0: int = 0, 
     y = y0
     B = y0.shape[0]
     prebind = prob.mode == "constant" or fvals.shape[1] == 1
-    # a compiled step (CheckpointedAdjoint(compile=True)): adaptive FSAL methods, no autograd
-    compiled = (prebind and prob.compile and prob.tab.fsal and prob.tab.e is not None and prob.fixed_step is None
-                and not torch.is_grad_enabled())
+    # the compiled stepper (prob.compile: _compilable said it can take this solve), no autograd
+    compiled = prob.compile and not torch.is_grad_enabled()
     at, k_end = None, k0
     c_max = max(1, (_GPU_BIND_ROWS if y0.device.type == "cuda" else _BIND_ROWS) // B)
     # (a power of two for short records: the compiled stepper's shapes, padded to c_max,

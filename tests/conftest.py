@@ -53,6 +53,22 @@ def forcing3() -> Forcing:
     return synthetic_forcing()
 
 
+def failing_flux_case(n_basins: int, n_days: int, flood_day: int):
+    """A one-store model whose outflow turns NaN where precipitation exceeds 50 mm, and
+    forcing (basins 'a', 'b', ... from 2001-01-01) with such a flood in the third basin
+    on day ``flood_day`` (0-based): the solver must name basin 'c' and that date."""
+    from adjointhydro import Flux, Model, Store
+
+    m = Model([Store("S", initial=1.0)],
+              [Flux("rain", None, "S", lambda v: v.P),
+               Flux("Q", "S", None, lambda v: torch.where(v.P > 50, torch.full_like(v.S, float("nan")), 0.1 * v.S))],
+              forcing=["P"])
+    p = np.ones((n_basins, n_days, 1))
+    p[2, flood_day, 0] = 100.0
+    basins = tuple("abcdefgh"[:n_basins])
+    return m, Forcing(p, ("P",), dates=np.datetime64("2001-01-01") + np.arange(n_days), basins=basins)
+
+
 def exphydro_sample_forcing(n_days: int | None = None) -> Forcing:
     folder = SHARED_DATA / "exphydro_sample"
     if not folder.exists():

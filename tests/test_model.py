@@ -9,7 +9,7 @@ from adjointhydro import (Flux, Forcing, ForcingError, Model, ModelError, Neural
                           Parameter, SolverError, Store, solve)
 from adjointhydro.models import exphydro, exphydro_m50, exphydro_m100, lotka_volterra_ude
 
-from conftest import synthetic_forcing
+from conftest import failing_flux_case, synthetic_forcing
 
 
 def bucket(**kw):
@@ -299,13 +299,7 @@ def test_dtype_mismatch_is_explained():
 @pytest.mark.parametrize("sensitivity", ["checkpoint", "direct"])
 def test_solver_failure_names_basin_and_date(sensitivity):
     # a flux that blows up in basin 'c' from 2001-01-06 on
-    m = Model([Store("S", initial=1.0)],
-              [Flux("rain", None, "S", lambda v: v.P),
-               Flux("Q", "S", None, lambda v: torch.where(v.P > 50, torch.full_like(v.S, float("nan")), 0.1 * v.S))],
-              forcing=["P"])
-    p = np.ones((3, 10, 1))
-    p[2, 5, 0] = 100.0
-    forcing = Forcing(p, ("P",), dates=np.datetime64("2001-01-01") + np.arange(10), basins=("a", "b", "c"))
+    m, forcing = failing_flux_case(3, 10, 5)
     with pytest.raises(SolverError, match=r"basin 'c' at 2001-01-06"):
         solve(m, forcing, sensitivity=sensitivity)
 

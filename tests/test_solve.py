@@ -14,7 +14,7 @@ from scipy.integrate import solve_ivp
 from adjointhydro import CheckpointedAdjoint, Forcing, solve
 from adjointhydro.models import exphydro, exphydro_m50, lotka_volterra, reservoir_cascade
 
-from conftest import exphydro_sample_forcing, synthetic_forcing
+from conftest import exphydro_sample_forcing, failing_flux_case, synthetic_forcing
 
 
 # --------------------------------------------------------------- scipy reference
@@ -651,7 +651,7 @@ def test_compiled_stretches_equal_the_eager_solve_and_report_failures(monkeypatc
     date as in the eager solve."""
     import importlib
 
-    from adjointhydro import Flux, Model, SolverError, Store
+    from adjointhydro import SolverError
 
     solve_mod = importlib.import_module("adjointhydro.solve")  # (the package's `solve` is the function)
 
@@ -665,13 +665,7 @@ def test_compiled_stretches_equal_the_eager_solve_and_report_failures(monkeypatc
     torch.testing.assert_close(got.stores, ref.stores, rtol=1e-12, atol=1e-12)
 
     # a flux that turns non-finite in basin 'c' on 2001-01-19 (the second stretch)
-    m = Model([Store("S", initial=1.0)],
-              [Flux("rain", None, "S", lambda v: v.P),
-               Flux("Q", "S", None, lambda v: torch.where(v.P > 50, torch.full_like(v.S, float("nan")), 0.1 * v.S))],
-              forcing=["P"])
-    p = np.ones((4, 30, 1))
-    p[2, 18, 0] = 100.0
-    bad = Forcing(p, ("P",), dates=np.datetime64("2001-01-01") + np.arange(30), basins=("a", "b", "c", "d"))
+    m, bad = failing_flux_case(4, 30, 18)
     with torch.no_grad(), pytest.raises(SolverError, match=r"basin 'c' at 2001-01-19.*non-finite state"):
         solve(m, bad, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True))
 
