@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._higher_order_ops.while_loop import while_loop
 
 FluxFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -329,11 +330,17 @@ _COMPILED: dict = {}  # structure -> compiled step (or None where compiling fail
 _COMPILE_FAILED: list = []  # the first failure's message, once seen (then eager from there on)
 
 
-# Runge-Kutta steps per call of the compiled stretch step: each call costs about 0.2 ms
-# on a CPU (guards, buffers); more steps a call make the compiled code larger (compiling
-# 1, 2, 4 steps: 33, 40, 70 s cold, on the 2-core VM; at 16 basins x 1 year the forward
-# then takes 0.079, 0.059, 0.052 s)
+# Runge-Kutta steps per call of the compiled stretch step where it is not one loop: each
+# call costs a synchronisation on a GPU (on a CPU, measured before the loop: about 0.2
+# ms a call; compiling 1, 2, 4 steps a call took 33, 40, 70 s cold on the 2-core VM, and
+# the forward of 16 basins x 1 year 0.079, 0.059, 0.052 s)
 _MICRO_STEPS = 4
+
+# Devices where the compiled stretch is one loop (torch's ``while_loop``) over all its
+# steps. On a CPU the loop runs in the compiled C++ wrapper: it compiles in about 10 s
+# (four steps a call: 45 s), and the forward of 16 basins x 1 year takes 0.030 s instead
+# of 0.040 s. On a GPU each iteration would read the loop condition back to the host.
+_LOOP_DEVICES = ("cpu",)
 
 
 def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: int, c_pad: int,
@@ -348,12 +355,13 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
     Stretches of any length ``c <= c_pad`` share one compiled function.
 
     Each row runs through the periods at its own pace (its own period index and time in
-    it), so that one call of the compiled function takes :data:`_MICRO_STEPS` steps of
-    every row, across period ends: the per-call cost of the compiled code (guards,
-    buffers, about 200 us on a CPU; a synchronisation on a GPU) is paid a few times per
-    several periods instead of once per step. Each row takes the same steps as in
-    :func:`integrate_period`, period by period (rows finished early are masked, not
-    compacted, so that the step keeps one shape).
+    it), so that the compiled code steps every row across period ends. On a CPU one call
+    takes the whole stretch, a loop (torch's ``while_loop``) in the compiled C++
+    wrapper; elsewhere one call takes :data:`_MICRO_STEPS` steps. The per-call cost of
+    the compiled code (guards, about 200 us on a CPU; a synchronisation on a GPU) is paid
+    once a stretch, or once per few steps, instead of once per step. Each row takes the
+    same steps as in :func:`integrate_period`, period by period (rows finished early
+    are masked, not compacted, so that the step keeps one shape).
 
     Returns stores ``[c, n, rows]`` and totals ``[c, m, rows]`` at each period's end, each
     period's first step ``[c, rows]``, the steps proposed for the next period ``[rows]``,
@@ -390,27 +398,40 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
     nst = torch.zeros(rows, dtype=torch.int64, device=device)
     fresh = torch.ones(rows, dtype=torch.bool, device=device)
     limits = torch.tensor([c, max_steps], dtype=torch.int64, device=device)
-    X = torch.empty(c, n + m, rows, dtype=dtype, device=device)
-    DT = torch.empty(c, rows, dtype=dtype, device=device)
-    n_iter = 0
-    while True:
-        x, s, h, kf, p, nst, fresh, snaps, ended, started, at, hs, status, why = step(
-            x, s, h, kf, p, nst, fresh, limits, wt, wx, scal, *tensors)
-        n_iter += _MICRO_STEPS
-        n_evals += _MICRO_STEPS * len(tab.c)
-        status = int(status)  # (one synchronisation a call: 1 all rows done, 2 a row failed)
-        # each row's period ends and starts of this call, written where they belong
-        j, r = ended.nonzero(as_tuple=True)
-        X[at[j, r], :, r] = snaps[j, :, r]
-        j, r = started.nonzero(as_tuple=True)
-        DT[at[j, r], r] = hs[j, r]
-        if status >= 2:
-            r = int(why.nonzero()[0])
-            reason = {1: "step size underflow", 2: "non-finite state",
-                      3: f"more than {max_steps} steps in one period"}[int(why[r])]
-            raise StepFailure(r, float(s[r]), reason, int(p[r]))
-        if status == 1:
-            break
+    why = torch.zeros(rows, dtype=torch.int64, device=device)
+    if device.type in _LOOP_DEVICES:
+        # one call: slot c of X and DT takes the writes of rows that neither end nor start a period
+        X = torch.zeros(cp + 1, n + m, rows, dtype=dtype, device=device)
+        DT = torch.zeros(cp + 1, rows, dtype=dtype, device=device)
+        i, x, s, h, kf, p, nst, fresh, why, X, DT = step(x, s, h, kf, p, nst, fresh, why, X, DT, limits,
+                                                         wt, wx, scal, *tensors)
+        n_iter = int(i)
+        n_evals += n_iter * len(tab.c)
+        X, DT = X[:c], DT[:c]
+        failed = bool((why > 0).any())
+    else:
+        X = torch.empty(c, n + m, rows, dtype=dtype, device=device)
+        DT = torch.empty(c, rows, dtype=dtype, device=device)
+        n_iter = 0
+        while True:
+            x, s, h, kf, p, nst, fresh, why, snaps, ended, started, at, hs, status = step(
+                x, s, h, kf, p, nst, fresh, why, limits, wt, wx, scal, *tensors)
+            n_iter += _MICRO_STEPS
+            n_evals += _MICRO_STEPS * len(tab.c)
+            status = int(status)  # (one synchronisation a call: 1 all rows done, 2 a row failed)
+            # each row's period ends and starts of this call, written where they belong
+            j, r = ended.nonzero(as_tuple=True)
+            X[at[j, r], :, r] = snaps[j, :, r]
+            j, r = started.nonzero(as_tuple=True)
+            DT[at[j, r], r] = hs[j, r]
+            failed = status >= 2
+            if status:
+                break
+    if failed:
+        r = int(why.nonzero()[0])
+        reason = {1: "step size underflow", 2: "non-finite state",
+                  3: f"more than {max_steps} steps in one period"}[int(why[r])]
+        raise StepFailure(r, float(s[r]), reason, int(p[r]))
     return X[:, :n], X[:, n:], DT, h, n_iter, n_evals
 
 
@@ -449,14 +470,16 @@ def _step_constants(wiring, dtype, device, span, rtol, atol) -> tuple:
 
 def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n: int, m: int,
                       shapes: tuple, device_type: str) -> Callable | None:
-    """:data:`_MICRO_STEPS` masked Runge-Kutta steps of all rows across period ends,
-    compiled once per structure and ``shapes`` (of the state and the table's tensors)."""
+    """Masked Runge-Kutta steps of all rows across period ends, compiled once per
+    structure and ``shapes`` (of the state and the table's tensors): on a CPU the whole
+    stretch in one compiled loop, elsewhere :data:`_MICRO_STEPS` steps a call."""
     if _COMPILE_FAILED:
         return None
+    loop = device_type in _LOOP_DEVICES
     # the same objects for equal entries (a new plan each solve makes new floats and bound
     # methods): one compiled step serves every solve, and dynamo's guards see the same values
     fixed = tuple((i, _canonical(t)) for i, t in enumerate(table) if not isinstance(t, torch.Tensor))
-    key = (code, tuple((i, id(t)) for i, t in fixed), flags, tab.name, n, m, shapes, device_type)
+    key = (code, tuple((i, id(t)) for i, t in fixed), flags, tab.name, n, m, shapes, device_type, loop)
     if key in _COMPILED:
         return _COMPILED[key]
     slots = [i for i, t in enumerate(table) if isinstance(t, torch.Tensor)]
@@ -475,69 +498,104 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
             t[i] = v.gather(0, p.view((1,) * (v.dim() - 1) + (-1,)).expand((1,) + v.shape[1:]))[0] if st else v
         return t
 
-    def steps(x, s, h_prop, kf, p, nst, fresh, limits, wt, wx, scal, *tensors):
+    def one_step(x, s, h_prop, kf, p, nst, fresh, why, limits, wt, wx, scal, tensors):
+        """One masked step of every row; also returns what the driver writes into place:
+        the stores and totals, which rows ended a period, which started one, and their periods."""
         span, rtol, atol, min_h = scal[0], scal[1], scal[2], scal[3]
         c, max_steps = limits[0], limits[1]
-        snaps, ended, started, at, hs = [], [], [], [], []
-        why = torch.zeros_like(p)
-        for _ in range(_MICRO_STEPS):
-            alive = p < c
-            t = filled(tensors, p.clamp(max=c - 1))
-            y = x[:n]
-            # a period's start: its own first evaluation (the rates change at a period end)
-            kf = torch.where(fresh, code(y, t), kf)
-            started.append(fresh & alive)
-            at.append(p)
-            hs.append(h_prop)
-            remaining = span - s
-            last = h_prop >= remaining
-            h = torch.where(alive, torch.where(last, remaining, h_prop), 0.0)
-            ks = [kf]
-            for i in range(1, stages):
-                comb = None
-                for a_ij, k_j in zip(tab.a[i], ks):
-                    if a_ij != 0.0:
-                        comb = k_j * a_ij if comb is None else comb + k_j * a_ij
-                ks.append(code(y + _times(wt, comb * h), t))
-            dq = sum(k_j * b_j for k_j, b_j in zip(ks, b) if b_j != 0.0) * h
-            de = sum(k_j * e_j for k_j, e_j in zip(ks, e) if e_j != 0.0) * h
-            x_new = x + _times(wx, dq)
-            scale = torch.maximum(x.abs(), x_new.abs()) * rtol + atol
-            r2 = (_times(wx, de) / scale).square().mean(dim=0)
-            accept = ((r2 <= 1.0) | ((h <= min_h) & (r2 < float("inf")))) & alive
-            factor = (r2.clamp(min=1e-20) ** expo * 0.9).clamp(0.2, 10.0)
-            h_next = torch.minimum(h * factor, span)
-            # a truncated last step says little about larger steps: keep the old proposal
-            h_next = torch.where(accept & last & (h_next < h_prop), h_prop, h_next)
-            h_prop = torch.where(alive, h_next, h_prop)
-            nst = nst + alive.to(nst.dtype)
-            # why a row fails (the first reason kept): 1 step size underflow, 2 a NaN rate or
-            # state (its step proposal would be NaN from then on), 3 too many steps in one
-            # period; an infinite error (an overflowing trial step) is a rejection
-            why = torch.where(why > 0, why, torch.where(
-                ~alive, 0, torch.where(torch.isnan(r2), 2, torch.where(
-                    ~accept & (h < 5.0 * min_h), 1, torch.where(nst >= max_steps, 3, 0)))))
-            x = torch.where(accept, x_new, x)
-            end = accept & last
-            snaps.append(x)
-            ended.append(end)
-            # the next period starts from the stores, with zero totals and its own evaluation
-            x = torch.where(end, torch.cat([x[:n], torch.zeros_like(x[n:])], dim=0), x)
-            s = torch.where(end, 0.0, torch.where(accept, s + h, s))
-            kf = torch.where(accept, ks[-1], kf)
-            fresh = end
-            nst = torch.where(end, 0, nst)
-            p = p + end.to(p.dtype)
-        done = ~((p < c).any())
-        status = done.to(torch.int8) + 2 * (why > 0).any().to(torch.int8)
-        return (x, s, h_prop, kf, p, nst, fresh, torch.stack(snaps), torch.stack(ended), torch.stack(started),
-                torch.stack(at), torch.stack(hs), status, why)
+        alive = p < c
+        t = filled(tensors, p.clamp(max=c - 1))
+        y = x[:n]
+        # a period's start: its own first evaluation (the rates change at a period end)
+        kf = torch.where(fresh, code(y, t), kf)
+        started = fresh & alive
+        at, h_start = p, h_prop
+        remaining = span - s
+        last = h_prop >= remaining
+        h = torch.where(alive, torch.where(last, remaining, h_prop), 0.0)
+        ks = [kf]
+        for i in range(1, stages):
+            comb = None
+            for a_ij, k_j in zip(tab.a[i], ks):
+                if a_ij != 0.0:
+                    comb = k_j * a_ij if comb is None else comb + k_j * a_ij
+            ks.append(code(y + _times(wt, comb * h), t))
+        dq = sum(k_j * b_j for k_j, b_j in zip(ks, b) if b_j != 0.0) * h
+        de = sum(k_j * e_j for k_j, e_j in zip(ks, e) if e_j != 0.0) * h
+        x_new = x + _times(wx, dq)
+        scale = torch.maximum(x.abs(), x_new.abs()) * rtol + atol
+        r2 = (_times(wx, de) / scale).square().mean(dim=0)
+        accept = ((r2 <= 1.0) | ((h <= min_h) & (r2 < float("inf")))) & alive
+        factor = (r2.clamp(min=1e-20) ** expo * 0.9).clamp(0.2, 10.0)
+        h_next = torch.minimum(h * factor, span)
+        # a truncated last step says little about larger steps: keep the old proposal
+        h_next = torch.where(accept & last & (h_next < h_prop), h_prop, h_next)
+        h_prop = torch.where(alive, h_next, h_prop)
+        nst = nst + alive.to(nst.dtype)
+        # why a row fails (the first reason kept): 1 step size underflow, 2 a NaN rate or
+        # state (its step proposal would be NaN from then on), 3 too many steps in one
+        # period; an infinite error (an overflowing trial step) is a rejection
+        why = torch.where(why > 0, why, torch.where(
+            ~alive, 0, torch.where(torch.isnan(r2), 2, torch.where(
+                ~accept & (h < 5.0 * min_h), 1, torch.where(nst >= max_steps, 3, 0)))))
+        x = torch.where(accept, x_new, x)
+        end = accept & last
+        snap = x
+        # the next period starts from the stores, with zero totals and its own evaluation
+        x = torch.where(end, torch.cat([x[:n], torch.zeros_like(x[n:])], dim=0), x)
+        s = torch.where(end, 0.0, torch.where(accept, s + h, s))
+        kf = torch.where(accept, ks[-1], kf)
+        nst = torch.where(end, 0, nst)
+        return (x, s, h_prop, kf, p + end.to(p.dtype), nst, end, why), (snap, end, started, at, h_start)
+
+    def looped(run_loop):
+        def steps(x, s, h_prop, kf, p, nst, fresh, why, X, DT, limits, wt, wx, scal, *tensors):
+            """Steps until every row is through its ``c`` periods or one fails, in one
+            loop: the period ends and starts written into ``X`` and ``DT`` (slot ``c``
+            takes the writes of the rows that neither end nor start a period)."""
+            # (the loop's functions index ``limits`` themselves: views of one tensor closed
+            # over by both would alias, which the loop cannot take)
+            def cond(i, x, s, h_prop, kf, p, nst, fresh, why, X, DT):
+                return (p < limits[0]).any() & (why == 0).all()
+
+            def body(i, x, s, h_prop, kf, p, nst, fresh, why, X, DT):
+                state, (snap, end, started, at, h_start) = one_step(
+                    x, s, h_prop, kf, p, nst, fresh, why, limits, wt, wx, scal, tensors)
+                c = limits[0]
+                slot = torch.where(end, at, c)
+                X = X.scatter(0, slot.view(1, 1, -1).expand(1, snap.shape[0], -1), snap.unsqueeze(0))
+                DT = DT.scatter(0, torch.where(started, at, c).view(1, -1), h_start.unsqueeze(0))
+                return (i + 1,) + state + (X, DT)
+
+            i0 = torch.zeros((), dtype=torch.int64, device=x.device)
+            return run_loop(cond, body, (i0, x, s, h_prop, kf, p, nst, fresh, why, X, DT))
+        return steps
+
+    def python_loop(cond, body, carried):
+        while bool(cond(*carried)):
+            carried = body(*carried)
+        return carried
+
+    if loop:
+        # compiled: torch's loop operator; where compiling fails, the same steps in Python
+        steps, eager = looped(while_loop), looped(python_loop)
+    else:
+        def steps(x, s, h_prop, kf, p, nst, fresh, why, limits, wt, wx, scal, *tensors):
+            """:data:`_MICRO_STEPS` steps; the period ends and starts stacked for the caller."""
+            outs = []
+            state = (x, s, h_prop, kf, p, nst, fresh, why)
+            for _ in range(_MICRO_STEPS):
+                state, out = one_step(*state, limits, wt, wx, scal, tensors)
+                outs.append(out)
+            status = (~((state[4] < limits[0]).any())).to(torch.int8) + 2 * (state[7] > 0).any().to(torch.int8)
+            return state + tuple(torch.stack(o) for o in zip(*outs)) + (status,)
+        eager = steps
 
     # a code object of its own for each structure and shape: dynamo counts the variants
     # compiled from one code object, and past its limit (8) a full-graph compilation
     # fails, which would end compiling for the process
-    steps = types.FunctionType(steps.__code__.replace(co_name=f"stretch_steps_{len(_COMPILED)}"),
-                               steps.__globals__, steps.__name__, steps.__defaults__, steps.__closure__)
+    compiled = types.FunctionType(steps.__code__.replace(co_name=f"stretch_steps_{len(_COMPILED)}"),
+                                  steps.__globals__, steps.__name__, steps.__defaults__, steps.__closure__)
     if len(_COMPILED) >= 64:
         _COMPILED.clear()
     try:
@@ -545,7 +603,7 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
         # step's few hundred intermediate buffers (1.2-1.4x at 1-16 basins, 5-10 s more
         # compiling)
         options = {"cpp_wrapper": True} if device_type == "cpu" else None
-        fn = _guarded(torch.compile(steps, fullgraph=True, dynamic=False, options=options), steps)
+        fn = _guarded(torch.compile(compiled, fullgraph=True, dynamic=False, options=options), eager)
     except Exception as err:  # (torch.compile itself unavailable)
         _compile_failed(err)
         return None

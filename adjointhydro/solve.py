@@ -74,12 +74,15 @@ _NEWTON_STEPS_PER_ROW = 24
 # One row stepping alone costs about 1 ms a step: 10,000 steps took 13 s in one trial.
 _NEWTON_MAX_STEPS = 500
 _GPU_MAX_ROWS = 1 << 20
-# With CheckpointedAdjoint(compile=True), batches up to this size keep the parallel
-# forward, which is faster for them: on the 2-core CPU, forward of 1 year, parallel
-# against compiled, 1 basin 0.023 against 0.032 s, 4 basins 0.049 against 0.036 s, 16
-# basins 0.11 against 0.04 s; on one H200, 256 basins 0.21 against 0.26 s, 4,096 basins
-# 0.52 against 0.29 s
-_COMPILED_PARALLEL_MAX_BASINS = {"cpu": 2, "cuda": 1024}
+# With CheckpointedAdjoint(compile=True), where the parallel forward is faster even so,
+# that one: on a GPU batches up to this size (one H200, forward of 1 year, parallel
+# against compiled: 256 basins 0.21 against 0.26 s, 4,096 basins 0.52 against 0.29 s);
+# on a CPU records longer than this many periods a basin (the 2-core CPU, forward and
+# gradient, parallel against compiled: 1 basin x 1 year 0.047 against 0.038 s, x 2
+# years 0.062 against 0.056 s, x 4 years 0.093 against 0.108 s; 2 basins x 4 years 0.160
+# against 0.141 s)
+_COMPILED_PARALLEL_MAX_BASINS = 1024
+_COMPILED_PARALLEL_PERIODS_PER_BASIN = 1000
 # The period-by-period solve binds the constants of this many rows (basin x period) at once:
 # binding one period alone costs more than an evaluation of the fluxes (on a GPU, where
 # a launch costs more than the arithmetic, more: a compiled stepper then takes many
@@ -1042,9 +1045,12 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     compiled = sens.compile and _compilable(prob, fvals, params)
     if parallel is None and compiled:
         # the compiled stepper is the period-by-period one; where the parallel forward is
-        # faster even so (measured: a few basins on a CPU, up to about a thousand on a GPU), that one
-        limit = _COMPILED_PARALLEL_MAX_BASINS["cuda" if y0.device.type == "cuda" else "cpu"]
-        parallel = B <= limit and fvals.shape[1] > 1 and prob.tab.e is not None
+        # faster even so (measured: long records of one basin on a CPU, up to about a
+        # thousand basins on a GPU), that one
+        if y0.device.type == "cuda":
+            parallel = B <= _COMPILED_PARALLEL_MAX_BASINS and fvals.shape[1] > 1
+        else:
+            parallel = fvals.shape[1] > _COMPILED_PARALLEL_PERIODS_PER_BASIN * B
     if parallel is None:
         # per-step overhead dominates small batches on a CPU and every batch on a GPU
         # (kernel launches): there, solve the periods in parallel
