@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch._higher_order_ops.while_loop import while_loop
+
+try:  # (a private module of torch; older versions lack it: the compiled stepper then takes a few steps a call)
+    from torch._higher_order_ops.while_loop import while_loop
+except ImportError:  # pragma: no cover
+    while_loop = None
 
 FluxFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -340,7 +344,7 @@ _MICRO_STEPS = 4
 # steps. On a CPU the loop runs in the compiled C++ wrapper: it compiles in about 10 s
 # (four steps a call: 45 s), and the forward of 16 basins x 1 year takes 0.030 s instead
 # of 0.040 s. On a GPU each iteration would read the loop condition back to the host.
-_LOOP_DEVICES = ("cpu",)
+_LOOP_DEVICES = ("cpu",) if while_loop is not None else ()
 
 
 def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: int, c_pad: int,
