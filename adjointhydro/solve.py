@@ -83,6 +83,11 @@ _GPU_MAX_ROWS = 1 << 20
 # against 0.141 s)
 _COMPILED_PARALLEL_MAX_BASINS = 1024
 _COMPILED_PARALLEL_PERIODS_PER_BASIN = 1000
+# ... and on a CPU batches up to this size when the previous solve's trajectory starts the
+# parallel forward (a training loop: seconds a step, warm-started parallel against
+# compiled, 1 basin x 1 year 0.035 against 0.040, 2 basins 0.035 against 0.042, 4 basins
+# 0.057 against 0.059; `bench_training_loop.py`)
+_COMPILED_WARM_PARALLEL_MAX_BASINS = 4
 # The period-by-period solve binds the constants of this many rows (basin x period) at once:
 # binding one period alone costs more than an evaluation of the fluxes (on a GPU, where
 # a launch costs more than the arithmetic, more: a compiled stepper then takes many
@@ -1037,6 +1042,14 @@ def _compilable(prob: _Problem, fvals, params) -> bool:
     return why is None
 
 
+def _warm_guess(sens: "CheckpointedAdjoint", B: int, T: int, n: int) -> tuple:
+    """The previous solve's stores and first steps where they fit this solve's shape, else ``(None, None)``."""
+    guess = sens._cache.get("stores")
+    if guess is None or guess.shape != (B, T + 1, n):
+        return None, None
+    return guess, sens._cache.get("dt")
+
+
 def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params, fvals):
     """Forward pass without a graph: parallel-in-time where it pays, else period by period."""
     wiring = prob.model.wiring_matrix.to(y0.dtype)
@@ -1050,7 +1063,9 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
         if y0.device.type == "cuda":
             parallel = B <= _COMPILED_PARALLEL_MAX_BASINS and fvals.shape[1] > 1
         else:
-            parallel = fvals.shape[1] > _COMPILED_PARALLEL_PERIODS_PER_BASIN * B
+            warm = sens.warm_start and _warm_guess(sens, B, fvals.shape[1], y0.shape[1])[0] is not None
+            parallel = (fvals.shape[1] > _COMPILED_PARALLEL_PERIODS_PER_BASIN * B
+                        or (warm and B <= _COMPILED_WARM_PARALLEL_MAX_BASINS))
     if parallel is None:
         # per-step overhead dominates small batches on a CPU and every batch on a GPU
         # (kernel launches): there, solve the periods in parallel
@@ -1064,9 +1079,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
         guess = guess_dt = None
         if parallel and sens.warm_start:
-            guess, guess_dt = sens._cache.get("stores"), sens._cache.get("dt")
-            if guess is not None and guess.shape != (B, fvals.shape[1] + 1, y0.shape[1]):
-                guess = guess_dt = None
+            guess, guess_dt = _warm_guess(sens, B, fvals.shape[1], y0.shape[1])
         with torch.inference_mode():
             if parallel:
                 out = _forward_parallel(
