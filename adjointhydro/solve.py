@@ -145,15 +145,17 @@ class CheckpointedAdjoint:
         compile: solve the forward pass period by period with a Runge-Kutta stepper
             compiled by ``torch.compile`` (adaptive methods with an error estimate,
             piecewise-constant forcing, models whose fluxes are physics or plain
-            networks). Each call of the compiled code takes four steps of every basin,
-            across day ends, each basin at its own pace. On a CPU the forward is 2-3x
-            faster than without (16-256 basins), after a one-off compilation of about a
-            minute per model structure, batch size and precision (like a JAX ``jit``;
-            seconds when inductor's disk cache has it); results agree with the eager
-            solve to rounding. Batches for which the parallel forward is faster (up to 2
-            basins on a CPU, 1,024 on a GPU) keep it unless ``parallel_forward=False``.
-            Where compiling fails (no C++ compiler), the eager step is used, with a
-            warning.
+            networks). Each basin runs through the days at its own pace, across day
+            ends: on a CPU one compiled loop takes a stretch of days, on a GPU each call
+            of the compiled code takes four steps. On a CPU the forward is 2-4x faster
+            than without (4-256 basins), after a one-off compilation of about 10 s (20-40
+            s on a GPU) per model structure, batch size and precision (like a JAX
+            ``jit``; seconds when inductor's disk cache has it); results agree with the
+            eager solve to rounding. Where the parallel forward is faster even so it is
+            kept unless ``parallel_forward=False``: on a CPU records of more than 1,000
+            periods a basin, and up to 4 basins warm-started from the previous solve; on
+            a GPU up to 1,024 basins. Where compiling fails (no C++ compiler), the eager
+            step is used, with a warning.
     """
 
     max_rows: int | None = None
