@@ -55,8 +55,8 @@ to the configuration file::
     sensitivity = "checkpoint"     # checkpoint | adjoint | direct
     parallel_forward = true        # checkpoint: calibration's forward pass parallel in time for a few
                                    # rows (default; false: period by period, 10-20x slower there)
-    compile = false                # checkpoint: compile the period-by-period step (over 32 basins on
-                                   # a CPU): 10-20 s once, then about 1.5x faster forward passes
+    compile = false                # checkpoint: compile the period-by-period steps (pays from 4 basins
+                                   # on a CPU): about 10 s once, then 2-4x faster forward passes
     dtype = "float64"              # float64 | float32: the hybrid's networks (training ~1.6x faster on
                                    # CPU); the physics model stays float64, except in a regional
                                    # run, whose solves all take this type (parameters stay float64)
