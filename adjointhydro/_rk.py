@@ -403,7 +403,7 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
     fresh = torch.ones(rows, dtype=torch.bool, device=device)
     limits = torch.tensor([c, max_steps], dtype=torch.int64, device=device)
     why = torch.zeros(rows, dtype=torch.int64, device=device)
-    if device.type in _LOOP_DEVICES:
+    if step.loop:
         # one call: slot c of X and DT takes the writes of rows that neither end nor start a period
         X = torch.zeros(cp + 1, n + m, rows, dtype=dtype, device=device)
         DT = torch.zeros(cp + 1, rows, dtype=dtype, device=device)
@@ -611,6 +611,7 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
     except Exception as err:  # (torch.compile itself unavailable)
         _compile_failed(err)
         return None
+    fn.loop = loop  # (which driver the caller runs: one call, or a call per few steps)
     _COMPILED[key] = fn
     return fn
 

@@ -1044,18 +1044,14 @@ def _compilable(prob: _Problem, fvals, params) -> bool:
     return why is None
 
 
-def _warm_guess(sens: "CheckpointedAdjoint", B: int, T: int, n: int) -> tuple:
-    """The previous solve's stores and first steps where they fit this solve's shape, else ``(None, None)``."""
-    guess = sens._cache.get("stores")
-    if guess is None or guess.shape != (B, T + 1, n):
-        return None, None
-    return guess, sens._cache.get("dt")
-
-
 def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params, fvals):
     """Forward pass without a graph: parallel-in-time where it pays, else period by period."""
     wiring = prob.model.wiring_matrix.to(y0.dtype)
     B = y0.shape[0]
+    # the previous solve's stores and first steps, where they fit this solve (training loops)
+    guess = guess_dt = None
+    if sens.warm_start and getattr(sens._cache.get("stores"), "shape", None) == (B, fvals.shape[1] + 1, y0.shape[1]):
+        guess, guess_dt = sens._cache["stores"], sens._cache.get("dt")
     parallel = sens.parallel_forward
     compiled = sens.compile and _compilable(prob, fvals, params)
     if parallel is None and compiled:
@@ -1065,9 +1061,8 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
         if y0.device.type == "cuda":
             parallel = B <= _COMPILED_PARALLEL_MAX_BASINS and fvals.shape[1] > 1
         else:
-            warm = sens.warm_start and _warm_guess(sens, B, fvals.shape[1], y0.shape[1])[0] is not None
             parallel = (fvals.shape[1] > _COMPILED_PARALLEL_PERIODS_PER_BASIN * B
-                        or (warm and B <= _COMPILED_WARM_PARALLEL_MAX_BASINS))
+                        or (guess is not None and B <= _COMPILED_WARM_PARALLEL_MAX_BASINS))
     if parallel is None:
         # per-step overhead dominates small batches on a CPU and every batch on a GPU
         # (kernel launches): there, solve the periods in parallel
@@ -1079,9 +1074,6 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     prob.compile = compiled
     with torch.no_grad():
         y0d, pd, fd = y0.detach(), params.detach(), fvals.detach()
-        guess = guess_dt = None
-        if parallel and sens.warm_start:
-            guess, guess_dt = _warm_guess(sens, B, fvals.shape[1], y0.shape[1])
         with torch.inference_mode():
             if parallel:
                 out = _forward_parallel(
