@@ -55,8 +55,9 @@ to the configuration file::
     sensitivity = "checkpoint"     # checkpoint | adjoint | direct
     parallel_forward = true        # checkpoint: calibration's forward pass parallel in time for a few
                                    # rows (default; false: period by period, 10-20x slower there)
-    compile = false                # checkpoint: compile the period-by-period steps (pays from 4 basins
-                                   # on a CPU): about 10 s once, then 2-4x faster forward passes
+    compile = "auto"               # checkpoint: compile the period-by-period steps: 10-30 s once,
+                                   # then 2-4x faster forward passes from 4 basins on a CPU; "auto":
+                                   # for calibration and training runs long enough to repay it
     dtype = "float64"              # float64 | float32: the hybrid's networks (training ~1.6x faster on
                                    # CPU); the physics model stays float64, except in a regional
                                    # run, whose solves all take this type (parameters stay float64)
@@ -289,7 +290,9 @@ class SolverConfig:
     atol: float = 1e-3
     sensitivity: str = "checkpoint"
     parallel_forward: bool | None = None  # None: the automatic rule (parallel for a few rows)
-    compile: bool = False  # checkpoint: the period-by-period forward's step compiled (torch.compile)
+    # checkpoint: the period-by-period forward's step compiled (torch.compile); "auto": where
+    # a calibration or training run is long enough to repay it (adjointhydro.training)
+    compile: bool | str = "auto"
     dtype: str = "float64"
     device: str = "cpu"
 
@@ -440,7 +443,7 @@ _KINDS: dict[str, dict[str, str]] = {
         "parameters": "float_map",
     },
     "solver": {"method": "str", "rtol": "float", "atol": "float", "sensitivity": "str",
-               "parallel_forward": "bool", "compile": "bool", "dtype": "str", "device": "str"},
+               "parallel_forward": "bool", "compile": "bool_auto", "dtype": "str", "device": "str"},
     "calibration": {
         "optimizer": "str", "iterations": "int", "lr": "float", "n_starts": "int", "loss": "str",
         "popsize": "int", "target_loss": "float",
@@ -460,6 +463,7 @@ _KINDS: dict[str, dict[str, str]] = {
 
 _KIND_TEXT = {
     "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+    "bool_auto": 'true, false or "auto"',
     "date": "a date 'YYYY-MM-DD'", "path": "a path (string)", "path_list": "a path or a list of paths",
     "str_list": "a list of strings",
     "int_list": "a list of integers", "str_map": "a table of strings",
@@ -549,6 +553,10 @@ def _coerce(where: str, key: str, kind: str, v: Any, base: Path) -> Any:
         return float(v)
     if kind == "bool":
         if not isinstance(v, bool):
+            raise bad()
+        return v
+    if kind == "bool_auto":
+        if not (isinstance(v, bool) or v == "auto"):
             raise bad()
         return v
     if kind == "date":
@@ -858,7 +866,7 @@ def _check_static(cfg: Config) -> None:
         )
     if s.parallel_forward and sens != "checkpoint":
         raise cfg.error("solver.parallel_forward", f"only used with sensitivity = 'checkpoint', not {sens!r}")
-    if s.compile and sens != "checkpoint":
+    if s.compile is True and sens != "checkpoint":
         raise cfg.error("solver.compile", f"only used with sensitivity = 'checkpoint', not {sens!r}")
     _positive(cfg, "solver.rtol", s.rtol)
     _positive(cfg, "solver.atol", s.atol)

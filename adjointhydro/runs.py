@@ -199,13 +199,17 @@ def _segment(cfg: Config, end: np.datetime64 | None = None):
     return forcing, part.observed(observed_name(cfg)), part.dates
 
 
-def _sensitivity(cfg: Config):
-    """The configured sensitivity: its name, or a :class:`CheckpointedAdjoint` with a compiled step."""
+def _sensitivity(cfg: Config, long_run: bool = False):
+    """The configured sensitivity: its name, or a :class:`CheckpointedAdjoint` with a
+    compiled step (``compile = true``). For a calibration or training run
+    (``long_run``) the name leaves compiling to the run (``compile = "auto"``), and
+    ``compile = false`` gives an uncompiled instance, which no run compiles."""
     s = cfg.solver
-    if s.sensitivity == "checkpoint" and s.compile:
+    if s.sensitivity == "checkpoint" and (s.compile is True or (long_run and s.compile is False)):
         from .solve import CheckpointedAdjoint
 
-        return CheckpointedAdjoint(parallel_forward=False if s.parallel_forward is False else None, compile=True)
+        return CheckpointedAdjoint(parallel_forward=False if s.parallel_forward is False else None,
+                                   compile=s.compile is True)
     return s.sensitivity
 
 
@@ -303,7 +307,7 @@ def _calibrate_m0(cfg: Config, physics, forcing, observed, train_mask, progress:
         ]
         runs = sum(r.n_model_runs for r in results)
     else:
-        sens = _sensitivity(cfg)
+        sens = _sensitivity(cfg, long_run=True)
         if sens == "checkpoint" and cfg.solver.parallel_forward is False:
             from .solve import CheckpointedAdjoint
 
@@ -495,7 +499,7 @@ def train(
                         hybrid, forcing, observed, train_mask=train_mask, val_mask=val_mask, loss=t.loss,
                         epochs=t.epochs, lr=t.lr, lr_schedule=None if t.lr_schedule == "constant" else t.lr_schedule,
                         patience=t.patience, seed=cfg.run.seed, parameters=params,
-                        train_parameters=t.train_parameters, sensitivity=_sensitivity(cfg),
+                        train_parameters=t.train_parameters, sensitivity=_sensitivity(cfg, long_run=True),
                         checkpoint_dir=ckdir, resume=cont, progress=progress, on_epoch=on_epoch,
                         grad_clip=t.grad_clip, **_solve_kw(cfg),
                     )

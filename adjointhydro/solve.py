@@ -148,9 +148,9 @@ class CheckpointedAdjoint:
             networks). Each basin runs through the days at its own pace, across day
             ends: on a CPU one compiled loop takes a stretch of days, on a GPU each call
             of the compiled code takes four steps. On a CPU the forward is 2-4x faster
-            than without (4-256 basins), after a one-off compilation of about 10 s (20-40
+            than without (4-256 basins), after a one-off compilation of 10-30 s (20-40
             s on a GPU) per model structure, batch size and precision (like a JAX
-            ``jit``; seconds when inductor's disk cache has it); results agree with the
+            ``jit``; about 10 s when inductor's disk cache has it); results agree with the
             eager solve to rounding. Where the parallel forward is faster even so it is
             kept unless ``parallel_forward=False``: on a CPU records of more than 1,000
             periods a basin, and up to 4 basins warm-started from the previous solve; on
@@ -164,6 +164,9 @@ class CheckpointedAdjoint:
     warm_start: bool = True
     compile: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # compile chosen by a long run, not asked for: where the stepper cannot take the
+    # solve, it goes on uncompiled without a warning (adjointhydro.training)
+    _automatic: bool = field(default=False, compare=False, repr=False)
 
 
 def _max_rows(sens: CheckpointedAdjoint, device: torch.device) -> int:
@@ -1022,9 +1025,10 @@ def _forward_parallel(prob: _Problem, y0, fvals, params, wiring, max_rows: int, 
     return Y, torch.cat(Qs).transpose(0, 1), torch.cat(DTs).transpose(0, 1)
 
 
-def _compilable(prob: _Problem, fvals, params) -> bool:
+def _compilable(prob: _Problem, fvals, params, quiet: bool = False) -> bool:
     """Whether the compiled stepper can take this solve (``CheckpointedAdjoint(compile=True)``);
-    warns where it cannot, saying why (the solve then goes on as without ``compile``)."""
+    warns where it cannot (unless ``quiet``), saying why (the solve then goes on as without
+    ``compile``)."""
     why = None
     if prob.fixed_step is not None or prob.tab.e is None or not prob.tab.fsal:
         why = f"method {prob.tab.name!r}: it needs an adaptive method with an error estimate (dopri5, bosh3)"
@@ -1036,7 +1040,7 @@ def _compilable(prob: _Problem, fvals, params) -> bool:
                 why = (f"model {prob.model.name!r}: a flux the generated code cannot take (a network "
                        f"partitioned into several fluxes, a flux run as written, or one reading an input "
                        f"that varies within a period)")
-    if why is not None:
+    if why is not None and not quiet:
         import warnings
 
         warnings.warn(f"CheckpointedAdjoint(compile=True) cannot compile this solve, {why}; "
@@ -1053,7 +1057,7 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     if sens.warm_start and getattr(sens._cache.get("stores"), "shape", None) == (B, fvals.shape[1] + 1, y0.shape[1]):
         guess, guess_dt = sens._cache["stores"], sens._cache.get("dt")
     parallel = sens.parallel_forward
-    compiled = sens.compile and _compilable(prob, fvals, params)
+    compiled = sens.compile and _compilable(prob, fvals, params, quiet=sens._automatic)
     if parallel is None and compiled:
         # the compiled stepper is the period-by-period one; where the parallel forward is
         # faster even so (measured: long records of one basin on a CPU, up to about a

@@ -286,6 +286,39 @@ class _TargetReached(Exception):
     pass
 
 
+_CHECKPOINT_NAMES = ("checkpoint", "checkpointed", "checkpointed_adjoint", "checkpointed adjoint")
+
+# A run given the checkpointed adjoint by name compiles its Runge-Kutta stepper
+# (``CheckpointedAdjoint(compile=True)``) on a CPU where its solves have 5-64 basins and
+# add up to at least this many basin-days. Measured on the 2-core VM (train_hybrid,
+# benchmarks/bench_train_run.py): compiling costs 28 s from a cold cache (9 s from
+# inductor's disk cache), and an epoch is then about 8e-6 s a basin-day faster (64
+# basins x 1 year: 0.30 against 0.50 s; 16 x 2 years: 0.20 against 0.29 s), so from here
+# it saves at least twice the cold cost. Up to 4 basins the warm-started parallel forward
+# is as fast (solve._COMPILED_WARM_PARALLEL_MAX_BASINS); from 256 basins the gain per
+# basin-day is a quarter of that (1.02 against 1.23 s a gradient at 256 x 1 year).
+_AUTO_COMPILE_BASIN_DAYS = 10_000_000
+_AUTO_COMPILE_MAX_BASINS = 64
+
+
+def _long_run_sensitivity(sensitivity: Any, rows: int, periods: int, solves: int, device: torch.device) -> Any:
+    """``sensitivity``, or a compiled :class:`CheckpointedAdjoint` for a long run on a CPU.
+
+    Only the name ``"checkpoint"`` is upgraded (an instance is used as given, so
+    ``CheckpointedAdjoint()`` keeps a run uncompiled), and only where the compiled
+    stepper is chosen for such batches and the run is long enough to repay compiling:
+    ``rows`` basins a solve, ``periods`` periods, ``solves`` solves.
+    """
+    from .solve import _COMPILED_WARM_PARALLEL_MAX_BASINS
+
+    if not (isinstance(sensitivity, str) and sensitivity.lower() in _CHECKPOINT_NAMES):
+        return sensitivity
+    if (torch.device(device).type != "cpu" or not _COMPILED_WARM_PARALLEL_MAX_BASINS < rows <= _AUTO_COMPILE_MAX_BASINS
+            or rows * periods * solves < _AUTO_COMPILE_BASIN_DAYS):
+        return sensitivity
+    return CheckpointedAdjoint(compile=True, _automatic=True)
+
+
 def _calibration_sensitivity(sensitivity: Any) -> Any:
     """The string ``"checkpoint"`` -> one checkpointed adjoint for the whole calibration.
 
@@ -299,9 +332,7 @@ def _calibration_sensitivity(sensitivity: Any) -> Any:
     instance serves every solve, so that each Newton solve starts from the previous
     trajectory. An explicit :class:`CheckpointedAdjoint` instance is used as given.
     """
-    if isinstance(sensitivity, str) and sensitivity.lower() in (
-        "checkpoint", "checkpointed", "checkpointed_adjoint", "checkpointed adjoint"
-    ):
+    if isinstance(sensitivity, str) and sensitivity.lower() in _CHECKPOINT_NAMES:
         return CheckpointedAdjoint(parallel_forward=None)
     return sensitivity
 
@@ -358,7 +389,10 @@ def calibrate(
             (``initial_state`` per basin; it is replicated over the starts). The string
             ``"checkpoint"`` means one checkpointed adjoint for the whole calibration,
             parallel in time for a few rows (``CheckpointedAdjoint(parallel_forward=False)``
-            solves period by period). An L-BFGS trial point the solver cannot
+            solves period by period), compiled on a CPU where the calibration is long
+            (5-64 rows and ``rows x periods x iterations`` of at least ten million:
+            10-30 s of compiling, then about 1.5x faster solves; ``CheckpointedAdjoint()``
+            keeps it uncompiled). An L-BFGS trial point the solver cannot
             integrate (:class:`SolverError`) counts as a large loss.
         target_loss: stop as soon as the best loss of every basin is <= this value.
         progress: show a tqdm progress bar.
@@ -396,10 +430,10 @@ def calibrate(
         raise ValueError(f"lr must be positive, got {lr}")
     n_starts, iterations = int(n_starts), int(iterations)
     scored, _ = _scored_observations(observed, forcing, score_mask, loss)
-    sensitivity = _calibration_sensitivity(sensitivity)
-
     B, P = forcing.n_basins, len(model.parameter_names)
     R = n_starts * B
+    sensitivity = _calibration_sensitivity(
+        _long_run_sensitivity(sensitivity, R, forcing.n_steps, iterations, forcing.values.device))
     dev = forcing.values.device
     rows_forcing = forcing if n_starts == 1 else forcing.select(basins=list(range(B)) * n_starts)
     obs_rows = torch.as_tensor(np.tile(scored, (n_starts, 1)), device=dev)
@@ -955,7 +989,12 @@ def train_hybrid(
         parameters: physical parameters to set on the model first (``[P]``,
             ``[basin, P]`` or mapping); default: the model's own.
         train_parameters: also train the physical parameters (``model.raw``).
-        sensitivity, method, rtol, atol, initial_state: passed to :func:`solve`.
+        sensitivity, method, rtol, atol, initial_state: passed to :func:`solve`. The
+            string ``"checkpoint"`` is compiled (``CheckpointedAdjoint(compile=True)``)
+            on a CPU where the run is long: 5-64 basins and ``basins x periods x
+            epochs`` of at least ten million (64 basins x 10 years x 43 epochs), which
+            repays 10-30 s of compiling with 1.4-1.7x faster epochs. Pass
+            ``CheckpointedAdjoint()`` to keep a run uncompiled.
         checkpoint_dir, resume: see above.
         progress: tqdm progress bar.
         on_epoch: called as ``on_epoch(epoch, record)`` after each epoch's checkpoint.
@@ -1023,7 +1062,8 @@ def _train_hybrid(
     # one sensitivity object for the whole run: the checkpointed adjoint's parallel-in-time
     # forward solve then starts Newton from the previous epoch's trajectory (the weights
     # move little per step; ~20% less time per epoch on Leaf River)
-    sensitivity = _as_sensitivity(sensitivity)
+    sensitivity = _as_sensitivity(_long_run_sensitivity(sensitivity, forcing.n_basins, forcing.n_steps, epochs,
+                                                        forcing.values.device))
     warm = sensitivity._cache if isinstance(sensitivity, CheckpointedAdjoint) and sensitivity.warm_start else None
     config = {
         "loss": loss, "lr": float(lr), "lr_schedule": lr_schedule, "seed": int(seed),

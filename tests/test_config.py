@@ -334,9 +334,23 @@ def test_solver_compile(tmp_path):
     cfg = load_config(write(tmp_path, GOOD + '[solver]\ncompile = true\nparallel_forward = false\n'), check_data=False)
     sens = _sensitivity(cfg)
     assert isinstance(sens, CheckpointedAdjoint) and sens.compile and sens.parallel_forward is False
+    # "auto" (the default): the name, which calibration and training compile for long runs
     assert _sensitivity(load_config(write(tmp_path, GOOD), check_data=False)) == "checkpoint"
+    assert _sensitivity(load_config(write(tmp_path, GOOD + '[solver]\ncompile = "auto"\n'),
+                                    check_data=False)) == "checkpoint"
+    # false: calibration and training get an explicit uncompiled adjoint, which they do not
+    # compile; single solves the name, as with "auto"
+    off = load_config(write(tmp_path, GOOD + '[solver]\ncompile = false\n'), check_data=False)
+    sens = _sensitivity(off, long_run=True)
+    assert isinstance(sens, CheckpointedAdjoint) and not sens.compile and sens.parallel_forward is None
+    assert _sensitivity(off) == "checkpoint"
+    assert _sensitivity(load_config(write(tmp_path, GOOD), check_data=False), long_run=True) == "checkpoint"
     msg = error_of(tmp_path, GOOD + '[solver]\nsensitivity = "direct"\ncompile = true\n', check_data=False)
     assert "solver.compile" in msg and "'direct'" in msg
+    assert load_config(write(tmp_path, GOOD + '[solver]\nsensitivity = "direct"\n'),
+                       check_data=False).solver.compile == "auto"  # (auto asks nothing of 'direct')
+    msg = error_of(tmp_path, GOOD + '[solver]\ncompile = "yes"\n', check_data=False)
+    assert "solver" in msg and "compile" in msg and 'true, false or "auto"' in msg and "'yes'" in msg
 
 
 def test_csv_folder_for_a_single_basin_run(tmp_path):

@@ -428,3 +428,85 @@ def test_masks_from_dates(leaf):
         masks_from_dates(d, start="1990", end="1991")
     with pytest.raises(ValueError, match="end is before the start"):
         masks_from_dates(d, start="1970", end="1960")
+
+
+def test_long_runs_choose_the_compiled_stepper():
+    """The name "checkpoint" becomes a compiled checkpointed adjoint for a long run on a
+    CPU (5-64 basins a solve, at least ``_AUTO_COMPILE_BASIN_DAYS`` basin-days in all); an
+    instance, a short run, a few or many basins, another sensitivity or a GPU keep theirs."""
+    cpu = torch.device("cpu")
+    n = training._AUTO_COMPILE_BASIN_DAYS
+    long = training._long_run_sensitivity("checkpoint", 16, 3650, -(-n // (16 * 3650)), cpu)
+    assert isinstance(long, CheckpointedAdjoint) and long.compile and long._automatic
+    assert long.parallel_forward is None and long.warm_start
+    assert training._long_run_sensitivity("Checkpointed", 8, n, 1, cpu).compile
+    assert training._long_run_sensitivity("checkpoint", 16, 3650, n // (16 * 3650) - 1, cpu) == "checkpoint"
+    assert training._long_run_sensitivity("checkpoint", 4, n, 10, cpu) == "checkpoint"
+    assert training._long_run_sensitivity("checkpoint", 64, n, 10, cpu).compile
+    assert training._long_run_sensitivity("checkpoint", 65, n, 10, cpu) == "checkpoint"
+    assert training._long_run_sensitivity("checkpoint", 64, n, 10, torch.device("cuda")) == "checkpoint"
+    assert training._long_run_sensitivity("adjoint", 64, n, 10, cpu) == "adjoint"
+    mine = CheckpointedAdjoint()
+    assert training._long_run_sensitivity(mine, 64, n, 10, cpu) is mine
+
+
+@pytest.mark.slow
+def test_long_training_and_calibration_runs_compile(leaf, monkeypatch):
+    """A long run given "checkpoint" solves with the compiled stepper (here made long by
+    lowering the threshold): every solve compiled, no warning, and the same losses as
+    the eager period-by-period solve to rounding; calibration likewise."""
+    import warnings
+
+    forcing, obs, train, val = _hybrid_setup(leaf)
+    B, T = 5, forcing.n_steps
+    forcing = forcing.select(basins=[0] * B)
+    obs = np.repeat(np.asarray(obs), B, axis=0) * np.linspace(0.8, 1.2, B)[:, None]
+    epochs = 3
+    monkeypatch.setattr(training, "_AUTO_COMPILE_BASIN_DAYS", B * T * epochs)
+    used = []
+    real_solve = training.solve
+
+    def spy(*args, **kw):
+        used.append(kw["sensitivity"])
+        return real_solve(*args, **kw)
+
+    monkeypatch.setattr(training, "solve", spy)
+    import adjointhydro._rk as rk
+
+    stretches = []  # whether each compiled stretch asked for ran compiled
+    real_stretch = rk.integrate_stretch_compiled
+
+    def stretch(*args, **kw):
+        out = real_stretch(*args, **kw)
+        stretches.append(out is not None)
+        return out
+
+    monkeypatch.setattr(rk, "integrate_stretch_compiled", stretch)
+    kw = dict(train_mask=train, val_mask=val, epochs=epochs, lr=2e-2, patience=None, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a failed compilation warns)
+        auto = train_hybrid(_small_hybrid(), forcing, obs, sensitivity="checkpoint", **kw)
+    assert len(used) >= epochs and all(isinstance(s, CheckpointedAdjoint) and s.compile for s in used)
+    assert stretches and all(stretches)
+    used.clear()
+    stretches.clear()
+    eager = train_hybrid(_small_hybrid(), forcing, obs, sensitivity=CheckpointedAdjoint(parallel_forward=False),
+                         **kw)
+    assert not any(s.compile for s in used) and not stretches
+    for a, e in zip(auto.history, eager.history):
+        assert a["train_loss"] == pytest.approx(e["train_loss"], rel=1e-9, abs=1e-12)
+    # one epoch short of the threshold: the default solver
+    used.clear()
+    train_hybrid(_small_hybrid(), forcing, obs, sensitivity="checkpoint", **dict(kw, epochs=epochs - 1))
+    assert not any(getattr(s, "compile", False) for s in used)
+
+    # calibration: rows = starts x basins, one solve or more an iteration
+    physics = exphydro(snow=False)
+    monkeypatch.setattr(training, "_AUTO_COMPILE_BASIN_DAYS", 2 * B * T * 4)
+    used.clear()
+    ckw = dict(iterations=4, n_starts=2, seed=3, progress=False)
+    auto = calibrate(physics, forcing, obs, sensitivity="checkpoint", **ckw)
+    assert used and all(s.compile for s in used) and stretches and all(stretches)
+    eager = calibrate(physics, forcing, obs, sensitivity=CheckpointedAdjoint(parallel_forward=False), **ckw)
+    np.testing.assert_allclose(auto.loss, eager.loss, rtol=1e-9)
+    torch.testing.assert_close(auto.parameters, eager.parameters, rtol=1e-8, atol=1e-10)
