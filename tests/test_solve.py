@@ -675,13 +675,19 @@ def test_compiled_stretches_equal_the_eager_solve_and_report_failures(monkeypatc
 
 
 @pytest.mark.slow
-def test_compiled_steppers_of_many_shapes_do_not_exhaust_dynamos_recompile_limit(monkeypatch):
+def test_compiled_steppers_of_many_shapes_do_not_exhaust_dynamos_recompile_limit():
     """Each structure and shape compiles its own code object: a process that compiles
     more variants than dynamo's recompile limit (8; here 1) keeps compiling, where one
     shared code object would fail its full-graph compilation and end compiling."""
+    # (dynamo's own patch: pytest's monkeypatch restores a config entry by deleting it,
+    # which hides it from every later compilation of the process)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _compile_two_batch_sizes()
+
+
+def _compile_two_batch_sizes():
     import warnings
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = reservoir_cascade(1)
     for basins in (2, 3):
         forcing = synthetic_forcing(basins, 12, seed=basins)
