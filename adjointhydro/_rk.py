@@ -138,6 +138,7 @@ def integrate_period(
     max_steps: int,
     max_work: int | None = None,
     groups: int = 1,
+    record: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Integrate every row over one period of length ``span``.
 
@@ -161,6 +162,9 @@ def integrate_period(
             the steps its base row (copy 0) takes, so that the copies, started from
             perturbed stores, are the same discrete map as the base row: their
             differences are finite-difference Jacobians of that map.
+        record: a list that receives, for each iteration, the accepted steps as
+            ``(rows, s, h, y)``: their rows, start times ``[k]``, lengths ``[k]`` and
+            start stores ``[n, k]`` (detached), for :func:`step`.
 
     Rows that have finished the period drop out of the work: once fewer than half the
     rows are still stepping, only those are evaluated (a storm day in one basin, or
@@ -286,12 +290,38 @@ def integrate_period(
             r = int(fail.nonzero()[0])
             reason = "non-finite state" if not bool(torch.isfinite(x_new[:, r].detach()).all()) else "step size underflow"
             raise StepFailure(r if idx is None else int(idx[r]), float(ss[r]), reason)
+        if record is not None:
+            sel = accept.nonzero()[:, 0]
+            record.append((sel if idx is None else idx[sel], ss[sel].detach(), h[sel].detach(),
+                           xs[:n, sel].detach()))
         xs = torch.where(accept, x_new, xs)
         ss = torch.where(accept, s_new, ss)
         if tab.fsal:
             ks0 = torch.where(accept, ks[-1], ks0)
     x, s, h_prop, k_first = _scatter(idx, (x, s, h_prop, k_first), (xs, ss, hs, ks0))
     return x[:n].t(), x[n:].t(), h_prop, dt_start, n_iter, n_evals
+
+
+def step(f: FluxFn, wiring: torch.Tensor, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor,
+         tab: Tableau) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Runge-Kutta step of each row, of its own length: the stores after it ``[n, rows]``
+    and the flux totals over it ``[m, rows]``, from stores ``y`` ``[n, rows]`` at local times
+    ``s`` with lengths ``h`` ``[rows]``. The same arithmetic as an accepted step of
+    :func:`integrate_period` (whose first stage is the previous step's last, where the
+    method is FSAL: here it is evaluated again, the same value)."""
+    wt = wiring.t()
+    coef = _coefficients(tab, y.dtype, y.device)
+    timed = getattr(f, "uses_time", True)
+    ks = [f(y, s)]
+    for i in range(1, len(tab.c)):
+        comb = None
+        for a_ij, k_j in zip(tab.a[i], ks):
+            if a_ij != 0.0:
+                comb = k_j * a_ij if comb is None else torch.add(comb, k_j, alpha=a_ij)
+        ks.append(f(torch.addmm(y, wt, comb * h), s + tab.c[i] * h if timed else s))
+    m = wiring.shape[0]
+    dq = (coef["b"] @ torch.stack(ks, dim=0).reshape(len(tab.c), -1)).view(m, -1) * h
+    return torch.addmm(y, wt, dq), dq
 
 
 def _scatter(idx, full, part):

@@ -406,7 +406,7 @@ class _Problem:
         return flux_for
 
     def period(self, y0, fvals, params, b_idx, k_idx, dt0, wiring, max_work=None, max_steps=None, groups=1,
-               prebound=None):
+               prebound=None, record=None):
         """Integrate rows over their periods.
 
         ``fvals`` ``[B, T, V]``, ``params`` ``[B, P]`` (may be dual or require grad);
@@ -425,7 +425,7 @@ class _Problem:
 
         y1, q, dt, dt_start, it, ne = _rk.integrate_period(
             flux_for, wiring, y0, self.span, dt0, self.tab, self.rtol, self.atol, self.fixed_step,
-            self.max_steps if max_steps is None else min(self.max_steps, max_steps), max_work, groups,
+            self.max_steps if max_steps is None else min(self.max_steps, max_steps), max_work, groups, record,
         )
         self.n_evals += ne
         self.n_iterations += it
@@ -512,40 +512,67 @@ def _rk_stretch(prob: _Problem, stretch: tuple, c: int, c_pad: int, wiring, y, d
     return X.transpose(1, 2), Q.transpose(1, 2), DT, dt
 
 
-def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, gq=None, keep_graph=False):
-    """Period maps of many rows and their exact Jacobians, from one replay and one batched reverse pass.
+def _chunk_adjoint(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, lam, gY_c, gQ_c, B: int,
+                   keep_graph: bool = False) -> tuple[torch.Tensor, list]:
+    """The adjoint of a chunk of periods, step by step.
 
-    Returns ``(y1, q, dt_start, J, v, dt_next)``: ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]`` and,
-    when ``gq`` ``[R, m]`` is given, ``v = (d q / d y0)^T gq`` ``[R, n]``; ``dt_start`` and
-    ``dt_next`` are each row's first step and its proposal for the next period. The rows are
-    replayed once with a graph; the ``n (+1)`` reverse passes (one per unit cotangent)
-    run as one vectorised pass over that graph. (PyTorch's forward-mode AD is many
-    times slower for ``linear``, ``where`` and ``minimum``.) With ``keep_graph`` the
-    graph is kept and ``y1``, ``q`` are returned attached to it, so that a further
-    reverse pass (parameter gradients) needs no second replay; ``params`` and
-    ``fvals`` are then used as given (leaves that may require grad).
+    ``y_rows`` ``[R, n]`` are the stores at each period's start (rows ordered [period,
+    basin], ``R = c * B``), ``dt`` ``[R]`` each period's first step, ``lam`` ``[B, n]`` the
+    cotangent of the stores at the chunk's end, ``gY_c`` ``[c, B, n]`` and ``gQ_c``
+    ``[c, B, m]`` those of the stores at each period's start and of its flux totals.
+
+    The periods are replayed without a graph, which records every accepted step (its
+    start stores, time and length); then all those steps are taken again as one batch of
+    single Runge-Kutta steps with a graph. The steps' Jacobians come from one vectorised
+    reverse pass over that small graph, and the adjoint recurrence over each basin's
+    steps is a reversed parallel affine scan. The step lengths are the solver's choice,
+    not differentiated (as in the replay of whole periods this replaces, whose rejected
+    trial steps were part of its graph and its reverse passes).
+
+    Returns the cotangent of the stores at the chunk's start ``[B, n]`` and the outputs,
+    with their cotangents, of the reverse pass that gives the parameter, forcing and
+    weight gradients (over the same graph; ``keep_graph``: ``params`` and ``fvals`` are
+    used as given, leaves that may require grad).
     """
     R, n = y_rows.shape
+    c = R // B
+    m = wiring.shape[0]
+    record: list = []
+    with torch.no_grad():
+        prob.period(y_rows, fvals.detach(), params.detach(), b_idx, k_idx, dt, wiring, record=record)
+    rows, s, h = (torch.cat([r[i] for r in record]) for i in range(3))
+    y = torch.cat([r[3] for r in record], dim=1)  # [n, S]
+    # by basin, then period (a period's steps were recorded in time order: a stable sort keeps it)
+    basin, period = rows % B, rows // B
+    order = torch.sort(basin * c + period, stable=True).indices
+    rows, s, h, y, basin, period = rows[order], s[order], h[order], y[:, order], basin[order], period[order]
+    S = rows.numel()
+    counts = torch.bincount(basin, minlength=B)
+    L = int(counts.max())
+    # each basin's steps end at position L - 1 of the scan (identity maps before them)
+    pos = L - counts[basin] + torch.arange(S, device=rows.device) - (torch.cumsum(counts, 0) - counts)[basin]
+    starts = torch.ones(S, dtype=torch.bool, device=rows.device)  # the first step of a period
+    starts[1:] = rows[1:] != rows[:-1]
+    gq = gQ_c[period, basin].t()  # [m, S]: each step's totals take its period's cotangent
     with torch.enable_grad():
-        y_in = y_rows.detach().requires_grad_(True)
+        y_in = y.requires_grad_(True)
         if not keep_graph:
             fvals, params = fvals.detach(), params.detach()
-        y1, q1, dt_next, dt_start = prob.period(y_in, fvals, params, b_idx, k_idx, dt, wiring)
-        eye = torch.eye(n, dtype=y_rows.dtype, device=y_rows.device)
-        cy = eye[:, None, :].expand(n, R, n)
-        cq = torch.zeros((n,) + q1.shape, dtype=q1.dtype, device=q1.device)
-        if gq is not None:
-            cy = torch.cat([cy, torch.zeros(1, R, n, dtype=cy.dtype, device=cy.device)])
-            cq = torch.cat([cq, gq[None]])
-        outs = [(y1, cy)] + ([(q1, cq)] if q1.requires_grad else [])  # totals may not depend on stores
+        f = prob._flux_for(fvals, params, b_idx[rows], k_idx[rows])(None)
+        y1, dq = _rk.step(f, wiring, y_in, s, h, prob.tab)
+        prob.n_evals += len(prob.tab.c)
+        eye = torch.eye(n, dtype=y.dtype, device=y.device)
+        cy = torch.cat([eye[:, :, None].expand(n, n, S), torch.zeros(1, n, S, dtype=y.dtype, device=y.device)])
+        cq = torch.cat([torch.zeros(n, m, S, dtype=y.dtype, device=y.device), gq[None]])
+        outs = [(y1, cy)] + ([(dq, cq)] if dq.requires_grad else [])  # totals may not depend on stores
         g = None
         with _state_gradients_only():
             if prob.batched_grads:
                 try:
-                    (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c for _, c in outs], allow_unused=True,
-                                               is_grads_batched=True, retain_graph=True)
+                    (g,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c_ for _, c_ in outs],
+                                               allow_unused=True, is_grads_batched=True, retain_graph=True)
                     if g is None:
-                        g = torch.zeros(cy.shape, dtype=y_rows.dtype, device=y_rows.device)
+                        g = torch.zeros(cy.shape, dtype=y.dtype, device=y.device)
                 except RuntimeError:
                     # a flux whose backward cannot be vectorised (e.g. a custom autograd.Function
                     # that reads a value with .item()): one reverse pass per cotangent instead
@@ -553,15 +580,19 @@ def _period_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wi
             if g is None:
                 gs = []
                 for i in range(cy.shape[0]):
-                    (gi,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c[i] for _, c in outs],
+                    (gi,) = torch.autograd.grad([o for o, _ in outs], (y_in,), [c_[i] for _, c_ in outs],
                                                 allow_unused=True, retain_graph=True)
                     gs.append(torch.zeros_like(y_in) if gi is None else gi)
                 g = torch.stack(gs)
-    J = g[:n].permute(1, 0, 2)
-    v = g[n] if gq is not None else None
-    if keep_graph:
-        return y1, q1, dt_start, J, v, dt_next
-    return y1.detach(), q1.detach(), dt_start, J, v, dt_next
+    # g[j, i, k] = d y1_j / d y_i of step k: the recurrence lam_before = J^T lam_after + v
+    A = eye.expand(L, B, n, n).clone()
+    A[pos, basin] = g[:n].permute(2, 1, 0)
+    bvec = torch.zeros(L, B, n, dtype=y.dtype, device=y.device)
+    bvec[pos, basin] = g[n].t() + torch.where(starts[:, None], gY_c[period, basin], 0.0)
+    lam_all = _affine_scan(A.flip(0), bvec.flip(0), lam).flip(0)  # lam_all[p]: before the step at p
+    lam_after = torch.cat([lam_all[1:], lam[None]])[pos, basin]  # [S, n]
+    outs = [(y1, lam_after.t())] + ([(dq, gq)] if dq.requires_grad else [])
+    return lam_all[0], outs
 
 
 def _period_fd_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, max_work=None,
@@ -574,7 +605,9 @@ def _period_fd_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt,
     smooth discrete map. Newton's iterations need the Jacobian only to converge (their
     fixed point is the map's, whatever the Jacobian); without a graph and a reverse pass
     a replay costs about half as much where per-operation overhead dominates.
-    Returns ``(y1, q, dt_start, J, dt_next)`` for the base rows, as :func:`_period_jacobian`.
+    Returns ``(y1, q, dt_start, J, dt_next)`` for the base rows: the stores and totals at
+    the period ends, the first steps, the Jacobians ``J[r, i, j] = d y1_i / d y0_j`` ``[R, n, n]``
+    and the steps proposed for the next periods.
     """
     R, n = y_rows.shape
     g = n + 1
@@ -1135,36 +1168,23 @@ class _CheckpointedSolve(torch.autograd.Function):
             y_rows = Y[:, k0:k1].transpose(0, 1).reshape(R, n)
             dt_rows = DT[:, k0:k1].transpose(0, 1).reshape(R)
             b_idx, k_idx = _window_rows(torch.arange(B, device=dev), k0, k1)
-            # 1. one replay of the chunk with a graph; from it the Jacobians of each period's
-            #    map (stores -> stores) and the direct contribution of the totals'
-            #    cotangents, (dq/dy)^T gQ, in one batched reverse pass
-            gQc = gQ[:, k0:k1].transpose(0, 1)  # [c, B, m]
             wants = [need_p, need_f] + w_need
             p_leaf = params.detach().requires_grad_(need_p)
             f_leaf = fvals.detach().requires_grad_(need_f)
+            gQc = gQ[:, k0:k1].transpose(0, 1)  # [c, B, m]
             try:
-                y1, q1, _, J, v, _ = _period_jacobian(
-                    prob, y_rows, f_leaf, p_leaf, b_idx, k_idx, dt_rows, wiring, gq=gQc.reshape(R, m),
-                    keep_graph=any(wants),
-                )
+                lam, outs = _chunk_adjoint(prob, y_rows, f_leaf, p_leaf, b_idx, k_idx, dt_rows, wiring, lam,
+                                           gY[:, k0:k1].transpose(0, 1), gQc, B, keep_graph=any(wants))
             except _rk.StepFailure as e:
                 r = e.row % R
                 raise prob.fail(e, int(b_idx[r]), int(k_idx[r])) from None
-            # 2. adjoint recurrence lam_k = c_k + J_k^T lam_{k+1}, period by period
-            cQ = v.view(c, B, n) + gY[:, k0:k1].transpose(0, 1)
-            Jt = J.view(c, B, n, n).transpose(-1, -2)
-            # solved as a reversed parallel affine scan instead of c sequential products
-            lam_all = _affine_scan(Jt.flip(0), cQ.flip(0), lam).flip(0)  # lam_all[i] = lam_{k0+i}
-            lam_next = torch.cat([lam_all[1:], lam[None]])
-            lam = lam_all[0]
-            # 3. parameter, weight and forcing gradients: a second reverse pass over the same graph
+            # parameter, weight and forcing gradients: a second reverse pass over the same graph
             if any(wants):
                 inputs = [x for x, w in zip([p_leaf, f_leaf] + list(weights), wants) if w]
-                outs = [(y1, lam_next.reshape(R, n))] + ([(q1, gQc.reshape(R, m))] if q1.requires_grad else [])
                 grads = torch.autograd.grad(
                     [o for o, _ in outs], inputs, [c_ for _, c_ in outs], allow_unused=True
                 )
-                del y1, q1
+                del outs
                 it = iter(grads)
                 if need_p:
                     g = next(it)

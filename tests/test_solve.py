@@ -351,7 +351,11 @@ def test_newton_jacobians_by_finite_differences_match_the_exact_ones(monkeypatch
     assert prob.n_iterations - it0 == steps_plain >= 2  # (storm days take several steps)
     for a, b in [(y1_fd, y1), (q_fd, q), (dt_start_fd, dt_start), (dt_next_fd, dt_next)]:
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)  # (to rounding: wider products)
-    _, _, _, J, _, _ = solve_mod._period_jacobian(*args)
+    # exact: a replay with a graph, one reverse pass per store (step lengths not differentiated)
+    with torch.enable_grad():
+        y_in = rows.detach().requires_grad_(True)
+        y1_g = prob.period(y_in, *args[2:])[0]
+        J = torch.stack([torch.autograd.grad(y1_g[:, j].sum(), y_in, retain_graph=True)[0] for j in range(2)], 1)
     assert J_fd.shape == J.shape == (T * B, 2, 2)
     # to the accuracy of a one-sided difference: rounding of a 1,700 mm soil store over a
     # 1.5e-8 mm move of an empty snow store is 3e-5; copies that chose their own steps
