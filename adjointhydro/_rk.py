@@ -13,6 +13,7 @@ mass balance holds by construction, also for every intermediate stage.
 """
 from __future__ import annotations
 
+import math
 import types
 import weakref
 from dataclasses import dataclass
@@ -437,8 +438,8 @@ def integrate_stretch_compiled(code: Callable, table: list, stacked: list, c: in
         # one call: slot c of X and DT takes the writes of rows that neither end nor start a period
         X = torch.zeros(cp + 1, n + m, rows, dtype=dtype, device=device)
         DT = torch.zeros(cp + 1, rows, dtype=dtype, device=device)
-        i, x, s, h, kf, p, nst, fresh, why, X, DT = step(x, s, h, kf, p, nst, fresh, why, X, DT, limits,
-                                                         wt, wx, scal, *tensors)
+        flat = torch.cat([t.reshape(-1) for t in [wt, wx, scal] + tensors])
+        i, x, s, h, kf, p, nst, fresh, why, X, DT = step(x, s, h, kf, p, nst, fresh, why, X, DT, limits, flat)
         n_iter = int(i)
         n_evals += n_iter * len(tab.c)
         X, DT = X[:c], DT[:c]
@@ -582,27 +583,50 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
         nst = torch.where(end, 0, nst)
         return (x, s, h_prop, kf, p + end.to(p.dtype), nst, end, why), (snap, end, started, at, h_start)
 
+    # the loop's constants (wiring, step scalars, the table's tensors) travel as one flat
+    # tensor, sliced inside the loop's body: each input of the loop costs a tensor handle
+    # an iteration in the compiled wrapper
+    # (in the state's floating type: other entries, if any, are cast back exactly)
+    layout, o = [], 0
+    for shape, dt in [((n, m), None), ((n + m, m), None), ((4,), None)] + list(shapes[1]):
+        layout.append((o, math.prod(shape), shape, dt))
+        o += math.prod(shape)
+
+    def unpacked(flat):
+        return [flat[o:o + k].view(shape).to(dt or flat.dtype) for o, k, shape, dt in layout]
+
     def looped(run_loop):
-        def steps(x, s, h_prop, kf, p, nst, fresh, why, X, DT, limits, wt, wx, scal, *tensors):
+        def steps(x, s, h_prop, kf, p, nst, fresh, why, X, DT, limits, flat):
             """Steps until every row is through its ``c`` periods or one fails, in one
             loop: the period ends and starts written into ``X`` and ``DT`` (slot ``c``
             takes the writes of the rows that neither end nor start a period)."""
             # (the loop's functions index ``limits`` themselves: views of one tensor closed
             # over by both would alias, which the loop cannot take)
-            def cond(i, x, s, h_prop, kf, p, nst, fresh, why, X, DT):
-                return (p < limits[0]).any() & (why == 0).all()
+            # the state carried as two tensors, floating [x; s; h; kf] and integer
+            # [p; nst; why; fresh]: each carried tensor costs handles and a buffer an iteration
+            nm = x.shape[0]
 
-            def body(i, x, s, h_prop, kf, p, nst, fresh, why, X, DT):
+            def cond(i, F, I, X, DT):
+                return (I[0] < limits[0]).any() & (I[2] == 0).all()
+
+            def body(i, F, I, X, DT):
+                wt, wx, scal, *tensors = unpacked(flat)
                 state, (snap, end, started, at, h_start) = one_step(
-                    x, s, h_prop, kf, p, nst, fresh, why, limits, wt, wx, scal, tensors)
+                    F[:nm], F[nm], F[nm + 1], F[nm + 2:], I[0], I[1], I[3].bool(), I[2],
+                    limits, wt, wx, scal, tensors)
+                x, s, h_prop, kf, p, nst, fresh, why = state
                 c = limits[0]
                 slot = torch.where(end, at, c)
                 X = X.scatter(0, slot.view(1, 1, -1).expand(1, snap.shape[0], -1), snap.unsqueeze(0))
                 DT = DT.scatter(0, torch.where(started, at, c).view(1, -1), h_start.unsqueeze(0))
-                return (i + 1,) + state + (X, DT)
+                return (i + 1, torch.cat([x, s[None], h_prop[None], kf]),
+                        torch.stack([p, nst, why, fresh.to(p.dtype)]), X, DT)
 
             i0 = torch.zeros((), dtype=torch.int64, device=x.device)
-            return run_loop(cond, body, (i0, x, s, h_prop, kf, p, nst, fresh, why, X, DT))
+            F0 = torch.cat([x, s[None], h_prop[None], kf])
+            I0 = torch.stack([p, nst, why, fresh.to(p.dtype)])
+            i, F, I, X, DT = run_loop(cond, body, (i0, F0, I0, X, DT))
+            return i, F[:nm], F[nm], F[nm + 1], F[nm + 2:], I[0], I[1], I[3].bool(), I[2], X, DT
         return steps
 
     def python_loop(cond, body, carried):
