@@ -659,8 +659,16 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
     try:
         # on a CPU the compiled function's wrapper in C++, not Python: it allocates the
         # step's few hundred intermediate buffers (1.2-1.4x at 1-16 basins, 5-10 s more
-        # compiling)
-        options = {"cpp_wrapper": True} if device_type == "cpu" else None
+        # compiling); the rate functions' stacked fluxes computed as one pointwise
+        # kernel, not as views of their output (each view a tensor the wrapper makes anew
+        # every iteration: 53 -> 8 a step)
+        options = None
+        if device_type == "cpu":
+            import torch._inductor.config as inductor_config
+
+            options = {"cpp_wrapper": True}
+            if hasattr(inductor_config, "force_pointwise_cat"):
+                options["force_pointwise_cat"] = True
         fn = _guarded(torch.compile(compiled, fullgraph=True, dynamic=False, options=options), eager)
     except Exception as err:  # (torch.compile itself unavailable)
         _compile_failed(err)
