@@ -373,8 +373,9 @@ _MICRO_STEPS = 4
 
 # Devices where the compiled stretch is one loop (torch's ``while_loop``) over all its
 # steps. On a CPU the loop runs in the compiled C++ wrapper: it compiles in about 10 s
-# from a warm inductor cache, 28 s cold (four steps a call: 45 s warm), and the forward of 16 basins x 1 year takes 0.030 s instead
-# of 0.040 s. On a GPU each iteration would read the loop condition back to the host.
+# from a warm inductor cache, 28 s cold (four steps a call: 45 s warm), and the forward
+# of 16 basins x 1 year takes 0.030 s instead of 0.040 s. On a GPU each iteration would
+# read the loop condition back to the host.
 _LOOP_DEVICES = ("cpu",) if while_loop is not None else ()
 
 
@@ -584,9 +585,9 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
         return (x, s, h_prop, kf, p + end.to(p.dtype), nst, end, why), (snap, end, started, at, h_start)
 
     # the loop's constants (wiring, step scalars, the table's tensors) travel as one flat
-    # tensor, sliced inside the loop's body: each input of the loop costs a tensor handle
-    # an iteration in the compiled wrapper
-    # (in the state's floating type: other entries, if any, are cast back exactly)
+    # tensor in the state's floating type (other entries, if any, cast back exactly),
+    # sliced inside the loop's body: each input of the loop costs a tensor handle an
+    # iteration in the compiled wrapper
     layout, o = [], 0
     for shape, dt in [((n, m), None), ((n + m, m), None), ((4,), None)] + list(shapes[1]):
         layout.append((o, math.prod(shape), shape, dt))

@@ -14,11 +14,12 @@ arguments. Three sensitivities:
   parallel by Newton's method on the period maps, with finite-difference Jacobians,
   see :func:`_forward_parallel`); the
   backward pass recomputes the periods from these checkpoints. Periods are
-  recomputed many at a time as parallel rows, once each, with a graph; the adjoint
-  is carried from period to period with the exact Jacobian of each period's solution
-  (one batched reverse pass over that graph, a unit cotangent per store), all
-  periods of a chunk at once by a parallel affine scan, and a second reverse pass
-  over the same graph gives the parameter and weight gradients. The gradient equals
+  recomputed many at a time as parallel rows, once each, without a graph, recording
+  every accepted step; those steps are taken again as one batch with a graph. The
+  adjoint is carried from step to step with the exact Jacobian of each step (one
+  batched reverse pass over that graph, a unit cotangent per store), all steps of a
+  chunk at once by a parallel affine scan, and a second reverse pass over the same
+  graph gives the parameter and weight gradients (:func:`_chunk_adjoint`). The gradient equals
   that of :class:`Direct` to rounding while memory stays bounded by ``max_rows``.
   The default: stable for dissipative bucket models and fast.
 
