@@ -93,9 +93,9 @@ _grad_state = threading.local()
 
 @contextlib.contextmanager
 def _state_gradients_only():
-    """Within: reverse passes through the networks' products skip the weight and bias
-    gradients (the solver's Jacobian passes ask only for gradients of the stores; the
-    built-in ``addmm`` knows that from the autograd engine, a custom Function does not)."""
+    """Within: reverse passes through the networks' products skip the weight gradients
+    (the solver's Jacobian passes ask only for gradients of the stores; the built-in
+    ``addmm`` knows that from the autograd engine, a custom Function does not)."""
     before = getattr(_grad_state, "state_only", False)
     _grad_state.state_only = True
     try:
@@ -132,11 +132,13 @@ class _FeatureMajorAddmm(torch.autograd.Function):
             # (one output row: an outer product, which a broadcast product does in half the
             # time of a matrix product when vectorised over cotangents)
             g_x = w.t() * g if w.shape[0] == 1 else w.t() @ g
-        if not getattr(_grad_state, "state_only", False):
-            if ctx.needs_input_grad[0]:
-                g_bias = g.sum(-1, keepdim=True) if ctx.bias_broadcast else g
-            if ctx.needs_input_grad[1]:
-                g_w = g @ x.t()
+        # the bias always: it may carry the stores (a first layer whose inputs are split,
+        # stores and rates varying within a period, is two products, the first the
+        # second's bias); the weights are never functions of the stores
+        if ctx.needs_input_grad[0]:
+            g_bias = g.sum(-1, keepdim=True) if ctx.bias_broadcast else g
+        if ctx.needs_input_grad[1] and not getattr(_grad_state, "state_only", False):
+            g_w = g @ x.t()
         return g_bias, g_w, g_x
 
 
