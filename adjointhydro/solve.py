@@ -551,9 +551,7 @@ def _chunk_adjoint(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiri
     rows, s, h, y, basin, period = rows[order], s[order], h[order], y[:, order], basin[order], period[order]
     S = rows.numel()
     counts = torch.bincount(basin, minlength=B)
-    L = int(counts.max())
-    # each basin's steps end at position L - 1 of the scan (identity maps before them)
-    pos = L - counts[basin] + torch.arange(S, device=rows.device) - (torch.cumsum(counts, 0) - counts)[basin]
+    rank = torch.arange(S, device=rows.device) - (torch.cumsum(counts, 0) - counts)[basin]  # within its basin
     starts = torch.ones(S, dtype=torch.bool, device=rows.device)  # the first step of a period
     starts[1:] = rows[1:] != rows[:-1]
     gq = gQ_c[period, basin].t()  # [m, S]: each step's totals take its period's cotangent
@@ -588,14 +586,30 @@ def _chunk_adjoint(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiri
                     gs.append(torch.zeros_like(y_in) if gi is None else gi)
                 g = torch.stack(gs)
     # g[j, i, k] = d y1_j / d y_i of step k: the recurrence lam_before = J^T lam_after + v
-    A = eye.expand(L, B, n, n).clone()
-    A[pos, basin] = g[:n].permute(2, 1, 0)
-    bvec = torch.zeros(L, B, n, dtype=y.dtype, device=y.device)
-    bvec[pos, basin] = g[n].t() + torch.where(starts[:, None], gY_c[period, basin], 0.0)
-    lam_all = _affine_scan(A.flip(0), bvec.flip(0), lam).flip(0)  # lam_all[p]: before the step at p
-    lam_after = torch.cat([lam_all[1:], lam[None]])[pos, basin]  # [S, n]
+    Jt = g[:n].permute(2, 1, 0)
+    v = g[n].t() + torch.where(starts[:, None], gY_c[period, basin], 0.0)
+    lam_after = torch.empty(S, n, dtype=y.dtype, device=y.device)
+    lam_start = torch.empty_like(lam)
+    # basins grouped by their number of steps (within a factor of two), each group one scan
+    # padded to its longest basin: a stiff basin's thousands of steps do not pad the others
+    group = torch.ceil(torch.log2(counts.to(torch.float64))).to(torch.int64)
+    for gr in torch.unique(group).tolist():
+        sel = (group == gr).nonzero()[:, 0]
+        L = int(counts[sel].max())
+        local = torch.full((B,), -1, dtype=torch.int64, device=rows.device)
+        local[sel] = torch.arange(sel.numel(), device=rows.device)
+        k = (group[basin] == gr).nonzero()[:, 0]  # the group's steps
+        col = local[basin[k]]
+        pos = L - counts[basin[k]] + rank[k]  # each basin's steps end at position L - 1
+        A = eye.expand(L, sel.numel(), n, n).clone()
+        A[pos, col] = Jt[k]
+        bvec = torch.zeros(L, sel.numel(), n, dtype=y.dtype, device=y.device)
+        bvec[pos, col] = v[k]
+        lam_all = _affine_scan(A.flip(0), bvec.flip(0), lam[sel]).flip(0)  # [p]: before the step at p
+        lam_after[k] = torch.cat([lam_all[1:], lam[sel][None]])[pos, col]
+        lam_start[sel] = lam_all[0]
     outs = [(y1, lam_after.t())] + ([(dq, gq)] if dq.requires_grad else [])
-    return lam_all[0], outs
+    return lam_start, outs
 
 
 def _period_fd_jacobian(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiring, max_work=None,
