@@ -165,7 +165,7 @@ def integrate_period(
             differences are finite-difference Jacobians of that map.
         record: a list that receives, for each iteration, the accepted steps as
             ``(rows, s, h, y)``: their rows, start times ``[k]``, lengths ``[k]`` and
-            start stores ``[n, k]`` (detached), for :func:`step`.
+            start stores ``[n, k]`` (detached), for :func:`accepted_step`.
 
     Rows that have finished the period drop out of the work: once fewer than half the
     rows are still stepping, only those are evaluated (a storm day in one basin, or
@@ -248,15 +248,7 @@ def integrate_period(
         h = torch.where(last, remaining, hs)
         if not all_active:
             h = torch.where(active, h, 0.0)
-        ks = [ks0]
-        for i in range(1, n_stages):
-            # stage combination in flux space, y + wt @ (h * sum_j a_ij k_j), as fused
-            # multiply-adds (stacking the stages instead copies every earlier stage again)
-            comb = None
-            for a_ij, k_j in zip(tab.a[i], ks):
-                if a_ij != 0.0:
-                    comb = k_j * a_ij if comb is None else torch.add(comb, k_j, alpha=a_ij)
-            ks.append(f_sub(torch.addmm(ys, wt, comb * h), ss + tab.c[i] * h if timed else ss))
+        ks = _stages(f_sub, wt, ys, ss, h, tab, ks0, timed)
         n_evals += n_stages - 1
         K = torch.stack(ks, dim=0).reshape(n_stages, -1)  # [stages, m * rows]
         x_new = torch.addmm(xs, wx, (coef["b"] @ K).view(m, -1) * h)
@@ -303,7 +295,7 @@ def integrate_period(
     return x[:n].t(), x[n:].t(), h_prop, dt_start, n_iter, n_evals
 
 
-def step(f: FluxFn, wiring: torch.Tensor, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor,
+def accepted_step(f: FluxFn, wiring: torch.Tensor, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor,
          tab: Tableau) -> tuple[torch.Tensor, torch.Tensor]:
     """One Runge-Kutta step of each row, of its own length: the stores after it ``[n, rows]``
     and the flux totals over it ``[m, rows]``, from stores ``y`` ``[n, rows]`` at local times
@@ -312,17 +304,25 @@ def step(f: FluxFn, wiring: torch.Tensor, y: torch.Tensor, s: torch.Tensor, h: t
     method is FSAL: here it is evaluated again, the same value)."""
     wt = wiring.t()
     coef = _coefficients(tab, y.dtype, y.device)
-    timed = getattr(f, "uses_time", True)
-    ks = [f(y, s)]
+    ks = _stages(f, wt, y, s, h, tab, f(y, s), getattr(f, "uses_time", True))
+    m = wiring.shape[0]
+    dq = (coef["b"] @ torch.stack(ks, dim=0).reshape(len(tab.c), -1)).view(m, -1) * h
+    return torch.addmm(y, wt, dq), dq
+
+
+def _stages(f: FluxFn, wt: torch.Tensor, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor, tab: Tableau,
+            k0: torch.Tensor, timed: bool) -> list:
+    """The stage rates of a step of lengths ``h`` from stores ``y`` ``[n, rows]`` at times
+    ``s``, the first being ``k0``. Each stage's stores, y + wt @ (h * sum_j a_ij k_j), are
+    fused multiply-adds (stacking the stages instead copies every earlier stage again)."""
+    ks = [k0]
     for i in range(1, len(tab.c)):
         comb = None
         for a_ij, k_j in zip(tab.a[i], ks):
             if a_ij != 0.0:
                 comb = k_j * a_ij if comb is None else torch.add(comb, k_j, alpha=a_ij)
         ks.append(f(torch.addmm(y, wt, comb * h), s + tab.c[i] * h if timed else s))
-    m = wiring.shape[0]
-    dq = (coef["b"] @ torch.stack(ks, dim=0).reshape(len(tab.c), -1)).view(m, -1) * h
-    return torch.addmm(y, wt, dq), dq
+    return ks
 
 
 def _scatter(idx, full, part):

@@ -560,7 +560,7 @@ def _chunk_adjoint(prob: _Problem, y_rows, fvals, params, b_idx, k_idx, dt, wiri
         if not keep_graph:
             fvals, params = fvals.detach(), params.detach()
         f = prob._flux_for(fvals, params, b_idx[rows], k_idx[rows])(None)
-        y1, dq = _rk.step(f, wiring, y_in, s, h, prob.tab)
+        y1, dq = _rk.accepted_step(f, wiring, y_in, s, h, prob.tab)
         prob.n_evals += len(prob.tab.c)
         eye = torch.eye(n, dtype=y.dtype, device=y.device)
         cy = torch.cat([eye[:, :, None].expand(n, n, S), torch.zeros(1, n, S, dtype=y.dtype, device=y.device)])

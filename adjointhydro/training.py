@@ -44,7 +44,8 @@ from .fluxes import Vars
 from .forcing import Forcing
 from .metrics import LOSSES
 from .model import Model
-from .solve import CheckpointedAdjoint, Solution, SolverError, _as_sensitivity, solve
+from .solve import (_COMPILED_WARM_PARALLEL_MAX_BASINS, _SENSITIVITY_NAMES, CheckpointedAdjoint, Solution,
+                    SolverError, _as_sensitivity, solve)
 from ._io import atomic_torch_save as _atomic_save  # the package's one atomic writer
 
 __all__ = [
@@ -286,7 +287,7 @@ class _TargetReached(Exception):
     pass
 
 
-_CHECKPOINT_NAMES = ("checkpoint", "checkpointed", "checkpointed_adjoint", "checkpointed adjoint")
+_CHECKPOINT_NAMES = tuple(k for k, v in _SENSITIVITY_NAMES.items() if v is CheckpointedAdjoint)
 
 # A run given the checkpointed adjoint by name compiles its Runge-Kutta stepper
 # (``CheckpointedAdjoint(compile=True)``) on a CPU where its solves have 5-64 basins and
@@ -309,8 +310,6 @@ def _long_run_sensitivity(sensitivity: Any, rows: int, periods: int, solves: int
     stepper is chosen for such batches and the run is long enough to repay compiling:
     ``rows`` basins a solve, ``periods`` periods, ``solves`` solves.
     """
-    from .solve import _COMPILED_WARM_PARALLEL_MAX_BASINS
-
     if not (isinstance(sensitivity, str) and sensitivity.lower() in _CHECKPOINT_NAMES):
         return sensitivity
     if (torch.device(device).type != "cpu" or not _COMPILED_WARM_PARALLEL_MAX_BASINS < rows <= _AUTO_COMPILE_MAX_BASINS
