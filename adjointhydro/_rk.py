@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from . import _inductor_stack
+
 try:  # (a private module of torch; older versions lack it: the compiled stepper then takes a few steps a call)
     from torch._higher_order_ops.while_loop import while_loop
 except ImportError:  # pragma: no cover
@@ -363,6 +365,10 @@ def _initial_step(flux, wt, y0, s, k0, span, order, rtol, atol):
 # --------------------------------------------------------------------------- compiled step
 _COMPILED: dict = {}  # structure -> compiled step (or None where compiling failed)
 _COMPILE_FAILED: list = []  # the first failure's message, once seen (then eager from there on)
+_VARIANT_FAILED: list = []  # why a preferred variant (stack buffers) failed, where one did
+# the compiled CPU loop's intermediate buffers on the stack (_inductor_stack); False:
+# inductor's own wrapper, which allocates them on the heap in every iteration
+_STACK_BUFFERS = True
 
 
 # Runge-Kutta steps per call of the compiled stretch step where it is not one loop: each
@@ -664,13 +670,21 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
         # kernel, not as views of their output (each view a tensor the wrapper makes anew
         # every iteration: 53 -> 8 a step)
         options = None
+        candidates = []
         if device_type == "cpu":
             import torch._inductor.config as inductor_config
 
             options = {"cpp_wrapper": True}
             if hasattr(inductor_config, "force_pointwise_cat"):
                 options["force_pointwise_cat"] = True
-        fn = _guarded(torch.compile(compiled, fullgraph=True, dynamic=False, options=options), eager)
+            # first with the loop's intermediate buffers on the stack (for few basins, 1.6x
+            # the forward: most of an iteration went into allocating them); where that
+            # fails to build, with inductor's own wrapper
+            stack = _inductor_stack.backend(options) if _STACK_BUFFERS else None
+            if stack is not None:
+                candidates.append(torch.compile(compiled, fullgraph=True, dynamic=False, backend=stack))
+        candidates.append(torch.compile(compiled, fullgraph=True, dynamic=False, options=options))
+        fn = _guarded(candidates, eager)
     except Exception as err:  # (torch.compile itself unavailable)
         _compile_failed(err)
         return None
@@ -685,21 +699,24 @@ def _times(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (w.unsqueeze(2) * v.unsqueeze(0)).sum(1)
 
 
-def _guarded(compiled: Callable, eager: Callable) -> Callable:
-    """``compiled``, or ``eager`` from its first failure on (compilation happens at the first call)."""
-    state = {"fn": compiled}
+def _guarded(compiled: list, eager: Callable) -> Callable:
+    """The first of the ``compiled`` variants that works, else ``eager`` (compilation
+    happens at the first call: a variant that fails there is dropped for the next)."""
+    state = {"fns": list(compiled)}
 
     def call(*args):
-        try:
-            return state["fn"](*args)
-        except StepFailure:
-            raise
-        except Exception as err:
-            if state["fn"] is eager:
+        while state["fns"]:
+            try:
+                return state["fns"][0](*args)
+            except StepFailure:
                 raise
-            _compile_failed(err)
-            state["fn"] = eager
-            return eager(*args)
+            except Exception as err:
+                state["fns"].pop(0)
+                if not state["fns"]:
+                    _compile_failed(err)
+                else:  # (kept for diagnosis; the next variant is tried without a warning)
+                    _VARIANT_FAILED.append(f"{type(err).__name__}: {err}"[:2000])
+        return eager(*args)
 
     return call
 

@@ -741,3 +741,53 @@ def test_a_step_that_cannot_be_compiled_is_stepped_eagerly_with_a_warning(monkey
         again = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True)).discharge
     torch.testing.assert_close(q, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(again, ref, rtol=0, atol=0)  # eager from then on, no second warning
+
+
+@pytest.mark.slow
+def test_compiled_loop_keeps_its_buffers_on_the_stack_and_falls_back_to_inductors_wrapper(monkeypatch):
+    """On a CPU the compiled loop's intermediate buffers go on the stack (a C++ wrapper of
+    our own, :mod:`adjointhydro._inductor_stack`): it builds, and gives the eager solve's
+    discharge to rounding. Where it cannot be built, inductor's own wrapper is used,
+    without a warning, with the same result."""
+    import warnings
+
+    import torch._inductor.config as inductor_config
+
+    import adjointhydro._inductor_stack as stack
+    import adjointhydro._rk as rk
+
+    if stack.backend({}) is None:
+        pytest.skip("this torch lacks the inductor internals the stack wrapper needs")
+    forcing = synthetic_forcing(2, 40, seed=31)
+    model = exphydro_m50(hidden=(8,))
+    with torch.no_grad():
+        ref = solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False)).discharge
+
+    def compiled_discharge():
+        monkeypatch.setattr(rk, "_COMPILED", {})
+        monkeypatch.setattr(rk, "_VARIANT_FAILED", [])
+        with torch.no_grad(), warnings.catch_warnings(), inductor_config.patch(force_disable_caches=True):
+            warnings.simplefilter("error", RuntimeWarning)  # (a failed compilation warns)
+            return solve(model, forcing, sensitivity=CheckpointedAdjoint(parallel_forward=False, compile=True)).discharge
+
+    placed = []
+    real = stack._escaping
+
+    def escaping(graph):  # (records that the wrapper ran: codegen, not a cache hit)
+        placed.append(graph)
+        return real(graph)
+
+    monkeypatch.setattr(stack, "_escaping", escaping)
+    q = compiled_discharge()
+    assert rk._VARIANT_FAILED == [] and placed
+    torch.testing.assert_close(q, ref, rtol=1e-12, atol=1e-12)
+
+    def broken(options):
+        def backend(gm, example_inputs):
+            raise RuntimeError("C++ compile error")
+        return backend
+
+    monkeypatch.setattr(stack, "backend", broken)
+    q = compiled_discharge()
+    assert len(rk._VARIANT_FAILED) == 1 and "C++ compile error" in rk._VARIANT_FAILED[0]
+    torch.testing.assert_close(q, ref, rtol=1e-12, atol=1e-12)
