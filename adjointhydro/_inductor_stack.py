@@ -69,6 +69,11 @@ def _escaping(graph) -> set:
 def backend(options: dict) -> Callable | None:
     """A ``torch.compile`` backend: inductor with ``options`` and stack-allocated
     intermediate buffers; ``None`` where this torch lacks what it needs."""
+    import torch
+
+    # (verified on torch 2.13; older versions compile with inductor's own wrapper)
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
+        return None
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor.codegen import common
