@@ -13,8 +13,9 @@ as it is, the generated C++ does not compile (torch 2.13).
 Here the buffers that leave their graph stay on the heap: each graph's and subgraph's
 outputs, and the inputs of its loops (which the loop carries and may hand back). Every
 other buffer goes on the stack, up to :data:`STACK_BYTES` in all (larger batches keep
-heap buffers everywhere: there their cost is small against the arithmetic). The wrapper class is swapped in only while this backend compiles, so other
-compilations in the process are untouched.
+heap buffers everywhere: there their cost is small against the arithmetic). The wrapper
+class is swapped in only while this backend compiles, so other compilations in the
+process are untouched.
 
 Relies on inductor internals; :func:`backend` returns ``None`` where they are missing,
 and the caller compiles with plain inductor (or, if the C++ fails to build, falls back
