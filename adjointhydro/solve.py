@@ -77,18 +77,13 @@ _NEWTON_MAX_STEPS = 500
 _GPU_MAX_ROWS = 1 << 20
 # With CheckpointedAdjoint(compile=True), where the parallel forward is faster even so,
 # that one: on a GPU batches up to this size (one H200, forward of 1 year, parallel
-# against compiled: 256 basins 0.21 against 0.26 s, 4,096 basins 0.52 against 0.29 s);
-# on a CPU records longer than this many periods a basin (the 2-core CPU, forward and
-# gradient, parallel against compiled: 1 basin x 1 year 0.047 against 0.038 s, x 2
-# years 0.062 against 0.056 s, x 4 years 0.093 against 0.108 s; 2 basins x 4 years 0.160
-# against 0.141 s)
+# against compiled: 256 basins 0.21 against 0.26 s, 4,096 basins 0.52 against 0.29 s).
+# On a CPU the compiled stepper is the faster at every size measured since its buffers
+# went on the stack (2-core VM, forward and gradient: 1 basin x 4 years 0.052 against
+# 0.083 s parallel, x 10 years 0.115 against 0.153 s; a training loop, seconds a step
+# warm-started parallel against compiled, 1 basin x 1 year 0.027 against 0.019, 2
+# basins 0.035 against 0.025, 4 basins 0.054 against 0.037)
 _COMPILED_PARALLEL_MAX_BASINS = 1024
-_COMPILED_PARALLEL_PERIODS_PER_BASIN = 1000
-# ... and on a CPU batches up to this size when the previous solve's trajectory starts the
-# parallel forward (a training loop: seconds a step, warm-started parallel against
-# compiled, 1 basin x 1 year 0.035 against 0.040, 2 basins 0.035 against 0.042, 4 basins
-# 0.057 against 0.059; `bench_training_loop.py`)
-_COMPILED_WARM_PARALLEL_MAX_BASINS = 4
 # The period-by-period solve binds the constants of this many rows (basin x period) at once:
 # binding one period alone costs more than an evaluation of the fluxes (on a GPU, where
 # a launch costs more than the arithmetic, more: a compiled stepper then takes many
@@ -149,14 +144,12 @@ class CheckpointedAdjoint:
             networks). Each basin runs through the days at its own pace, across day
             ends: on a CPU one compiled loop takes a stretch of days, on a GPU each call
             of the compiled code takes four steps. On a CPU the forward is 2-4x faster
-            than without (4-256 basins), after a one-off compilation of 10-30 s (20-40
+            than without (1-256 basins), after a one-off compilation of 10-30 s (20-40
             s on a GPU) per model structure, batch size and precision (like a JAX
             ``jit``; about 10 s when inductor's disk cache has it); results agree with the
-            eager solve to rounding. Where the parallel forward is faster even so it is
-            kept unless ``parallel_forward=False``: on a CPU records of more than 1,000
-            periods a basin, and up to 4 basins warm-started from the previous solve; on
-            a GPU up to 1,024 basins. Where compiling fails (no C++ compiler), the eager
-            step is used, with a warning.
+            eager solve to rounding. On a GPU up to 1,024 basins the parallel forward is
+            faster even so, and kept unless ``parallel_forward=False``. Where compiling
+            fails (no C++ compiler), the eager step is used, with a warning.
     """
 
     max_rows: int | None = None
@@ -1110,13 +1103,8 @@ def _checkpoint_forward(prob: _Problem, sens: "CheckpointedAdjoint", y0, params,
     compiled = sens.compile and _compilable(prob, fvals, params, quiet=sens._automatic)
     if parallel is None and compiled:
         # the compiled stepper is the period-by-period one; where the parallel forward is
-        # faster even so (measured: long records of one basin on a CPU, up to about a
-        # thousand basins on a GPU), that one
-        if y0.device.type == "cuda":
-            parallel = B <= _COMPILED_PARALLEL_MAX_BASINS and fvals.shape[1] > 1
-        else:
-            parallel = (fvals.shape[1] > _COMPILED_PARALLEL_PERIODS_PER_BASIN * B
-                        or (guess is not None and B <= _COMPILED_WARM_PARALLEL_MAX_BASINS))
+        # faster even so (measured: up to about a thousand basins on a GPU), that one
+        parallel = (y0.device.type == "cuda" and B <= _COMPILED_PARALLEL_MAX_BASINS and fvals.shape[1] > 1)
     if parallel is None:
         # per-step overhead dominates small batches on a CPU and every batch on a GPU
         # (kernel launches): there, solve the periods in parallel

@@ -44,7 +44,7 @@ from .fluxes import Vars
 from .forcing import Forcing
 from .metrics import LOSSES
 from .model import Model
-from .solve import (_COMPILED_WARM_PARALLEL_MAX_BASINS, _SENSITIVITY_NAMES, CheckpointedAdjoint, Solution,
+from .solve import (_SENSITIVITY_NAMES, CheckpointedAdjoint, Solution,
                     SolverError, _as_sensitivity, solve)
 from ._io import atomic_torch_save as _atomic_save  # the package's one atomic writer
 
@@ -290,14 +290,15 @@ class _TargetReached(Exception):
 _CHECKPOINT_NAMES = tuple(k for k, v in _SENSITIVITY_NAMES.items() if v is CheckpointedAdjoint)
 
 # A run given the checkpointed adjoint by name compiles its Runge-Kutta stepper
-# (``CheckpointedAdjoint(compile=True)``) on a CPU where its solves have 5-64 basins and
-# add up to at least this many basin-days. Measured on the 2-core VM (train_hybrid,
+# (``CheckpointedAdjoint(compile=True)``) on a CPU where its solves have at most 64 basins
+# and add up to at least this many basin-days. Measured on the 2-core VM (train_hybrid,
 # benchmarks/bench_train_run.py): compiling costs 28 s from a cold cache (9 s from
 # inductor's disk cache), and an epoch is then about 8e-6 s a basin-day faster (64
 # basins x 1 year: 0.30 against 0.50 s; 16 x 2 years: 0.20 against 0.29 s), so from here
-# it saves at least twice the cold cost. Up to 4 basins the warm-started parallel forward
-# is as fast (solve._COMPILED_WARM_PARALLEL_MAX_BASINS); from 256 basins the gain per
-# basin-day is a quarter of that (1.02 against 1.23 s a gradient at 256 x 1 year).
+# it saves at least twice the cold cost. For 1-4 basins the gain per basin-day is larger
+# (1 basin x 1 year: 0.019 against 0.027 s a training step, 2e-5 s a basin-day; 18 s of
+# cold compiling); from 256 basins it is a quarter of that (1.02 against 1.23 s a
+# gradient at 256 x 1 year).
 _AUTO_COMPILE_BASIN_DAYS = 10_000_000
 _AUTO_COMPILE_MAX_BASINS = 64
 
@@ -312,7 +313,7 @@ def _long_run_sensitivity(sensitivity: Any, rows: int, periods: int, solves: int
     """
     if not (isinstance(sensitivity, str) and sensitivity.lower() in _CHECKPOINT_NAMES):
         return sensitivity
-    if (torch.device(device).type != "cpu" or not _COMPILED_WARM_PARALLEL_MAX_BASINS < rows <= _AUTO_COMPILE_MAX_BASINS
+    if (torch.device(device).type != "cpu" or rows > _AUTO_COMPILE_MAX_BASINS
             or rows * periods * solves < _AUTO_COMPILE_BASIN_DAYS):
         return sensitivity
     return CheckpointedAdjoint(compile=True, _automatic=True)
@@ -389,7 +390,7 @@ def calibrate(
             ``"checkpoint"`` means one checkpointed adjoint for the whole calibration,
             parallel in time for a few rows (``CheckpointedAdjoint(parallel_forward=False)``
             solves period by period), compiled on a CPU where the calibration is long
-            (5-64 rows and ``rows x periods x iterations`` of at least ten million:
+            (at most 64 rows and ``rows x periods x iterations`` of at least ten million:
             10-30 s of compiling, then about 1.5x faster solves; ``CheckpointedAdjoint()``
             keeps it uncompiled). An L-BFGS trial point the solver cannot
             integrate (:class:`SolverError`) counts as a large loss.
@@ -990,7 +991,7 @@ def train_hybrid(
         train_parameters: also train the physical parameters (``model.raw``).
         sensitivity, method, rtol, atol, initial_state: passed to :func:`solve`. The
             string ``"checkpoint"`` is compiled (``CheckpointedAdjoint(compile=True)``)
-            on a CPU where the run is long: 5-64 basins and ``basins x periods x
+            on a CPU where the run is long: at most 64 basins and ``basins x periods x
             epochs`` of at least ten million (64 basins x 10 years x 43 epochs), which
             repays 10-30 s of compiling with 1.4-1.7x faster epochs. Pass
             ``CheckpointedAdjoint()`` to keep a run uncompiled.

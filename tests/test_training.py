@@ -432,8 +432,8 @@ def test_masks_from_dates(leaf):
 
 def test_long_runs_choose_the_compiled_stepper():
     """The name "checkpoint" becomes a compiled checkpointed adjoint for a long run on a
-    CPU (5-64 basins a solve, at least ``_AUTO_COMPILE_BASIN_DAYS`` basin-days in all); an
-    instance, a short run, a few or many basins, another sensitivity or a GPU keep theirs."""
+    CPU (1-64 basins a solve, at least ``_AUTO_COMPILE_BASIN_DAYS`` basin-days in all); an
+    instance, a short run, many basins, another sensitivity or a GPU keep theirs."""
     cpu = torch.device("cpu")
     n = training._AUTO_COMPILE_BASIN_DAYS
     long = training._long_run_sensitivity("checkpoint", 16, 3650, -(-n // (16 * 3650)), cpu)
@@ -441,7 +441,8 @@ def test_long_runs_choose_the_compiled_stepper():
     assert long.parallel_forward is None and long.warm_start
     assert training._long_run_sensitivity("Checkpointed", 8, n, 1, cpu).compile
     assert training._long_run_sensitivity("checkpoint", 16, 3650, n // (16 * 3650) - 1, cpu) == "checkpoint"
-    assert training._long_run_sensitivity("checkpoint", 4, n, 10, cpu) == "checkpoint"
+    assert training._long_run_sensitivity("checkpoint", 1, n, 1, cpu).compile
+    assert training._long_run_sensitivity("checkpoint", 1, n - 1, 1, cpu) == "checkpoint"
     assert training._long_run_sensitivity("checkpoint", 64, n, 10, cpu).compile
     assert training._long_run_sensitivity("checkpoint", 65, n, 10, cpu) == "checkpoint"
     assert training._long_run_sensitivity("checkpoint", 64, n, 10, torch.device("cuda")) == "checkpoint"
