@@ -72,17 +72,17 @@ def backend(options: dict) -> Callable | None:
     intermediate buffers; ``None`` where this torch lacks what it needs."""
     import torch
 
-    # (verified on torch 2.13; older versions compile with inductor's own wrapper)
-    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
-        return None
     try:
+        # (verified on torch 2.13; older versions compile with inductor's own wrapper)
+        if torch.__version__ < (2, 13):
+            return None
         from torch._inductor import config as inductor_config
         from torch._inductor.codegen import common
         from torch._inductor.codegen.cpp_wrapper_cpu_array_ref import CppWrapperCpuArrayRef
         from torch._inductor.codegen.wrapper import AllocateLine
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.virtualized import V
-    except ImportError:
+    except Exception:  # (a torch whose internals moved, an unparsable version)
         return None
     if not (hasattr(inductor_config, "aot_inductor")
             and hasattr(inductor_config.aot_inductor, "allow_stack_allocation")
@@ -121,8 +121,7 @@ def backend(options: dict) -> Callable | None:
                     shape = self.static_shape_for_buffer_or_none(node)
                     if shape is not None and node.get_device().type == "cpu":
                         on_stack += math.prod(shape) * node.get_dtype().itemsize
-            self.allow_stack_allocation = (before is not False and inductor_config.aot_inductor.allow_stack_allocation
-                                           and on_stack <= STACK_BYTES)
+            self.allow_stack_allocation = before is not False and on_stack <= STACK_BYTES
 
         def make_buffer_reuse(self, old, new, delete_old):
             # a buffer that leaves must not take over a freed stack buffer: a heap one of its own

@@ -370,9 +370,6 @@ _COMPILE_FAILED: list = []  # the first failure's message, once seen (then eager
 # 12.1 -> 9.7 ms; 4 basins 12.4 -> 14.6 ms, slower)
 _SCALAR_ROWS = 2
 _VARIANT_FAILED: list = []  # why a preferred variant (stack buffers) failed, where one did
-# the compiled CPU loop's intermediate buffers on the stack (_inductor_stack); False:
-# inductor's own wrapper, which allocates them on the heap in every iteration
-_STACK_BUFFERS = True
 
 
 # Runge-Kutta steps per call of the compiled stretch step where it is not one loop: each
@@ -686,7 +683,7 @@ def _compiled_stretch(code: Callable, table: list, flags: tuple, tab: Tableau, n
             # first with the loop's intermediate buffers on the stack (for few basins, 1.6x
             # the forward: most of an iteration went into allocating them); where that
             # fails to build, with inductor's own wrapper
-            stack = _inductor_stack.backend(options) if _STACK_BUFFERS else None
+            stack = _inductor_stack.backend(options)
             if stack is not None:
                 candidates.append(torch.compile(compiled, fullgraph=True, dynamic=False, backend=stack))
         candidates.append(torch.compile(compiled, fullgraph=True, dynamic=False, options=options))
